@@ -1,0 +1,1 @@
+"""Command line, launchers, run configs and demos of the UniTok project."""

@@ -1,0 +1,59 @@
+"""The ``unitok`` command line.
+
+Each subcommand lives in its own module and exposes ``main(argv) -> int | None``; this file only
+dispatches, importing the module on use so that ``unitok --help`` stays fast and a missing optional
+dependency of one subcommand never breaks the others. ``unitok data synth`` and similar two-word
+commands are groups of this table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module path, one-line help). Grouped names use a space: "data synth".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data synth": ("unitok.data.synth", "write the built-in synthetic world (images, captions, VQA, GenEval prompts)"),
+    "quickstart": ("unitok.scripts.quickstart", "generate synthetic data, train and evaluate the tiny model, write a report"),
+    "train-tokenizer": ("unitok.tokenizer.train", "train a UniTok tokenizer from a run config"),
+    "eval-tokenizer": ("unitok.eval.tokenizer_eval", "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: unitok COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `unitok COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, argv[words:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    found = _resolve(argv)
+    if found is None:
+        group = [name for name in COMMANDS if name.split()[0] == argv[0]]
+        if group:
+            print(f"unitok {argv[0]}: expected one of: {', '.join(n.split(maxsplit=1)[1] for n in group)}", file=sys.stderr)
+        else:
+            print(f"unitok: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    name, rest = found
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest, prog=f"unitok {name}")
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
