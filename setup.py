@@ -31,6 +31,8 @@ CORE = [
     "datasets",
     "lpips>=0.1.4",
     "webdataset>=0.2.86",
+    "braceexpand",
+    "tokenizers",
     "scipy",
     "pyyaml",
     "tqdm",

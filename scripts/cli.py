@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("unitok.scripts.quickstart", "generate synthetic data, train and evaluate the tiny model, write a report"),
     "train-tokenizer": ("unitok.tokenizer.train", "train a UniTok tokenizer from a run config"),
     "eval-tokenizer": ("unitok.eval.tokenizer_eval", "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy"),
+    "bench data": ("unitok.scripts.bench_data", "synthetic-world generation and reader throughput"),
+    "bench quantizer": ("unitok.scripts.bench_quantizer", "batched multi-codebook quantizer vs a per-codebook loop"),
+    "bench tokenizer": ("unitok.scripts.bench_tokenizer", "encode/decode throughput, memory, parameter counts"),
+    "bench mllm-generation": ("unitok.scripts.bench_mllm_generation", "KV-cached image generation vs full recompute"),
 }
 
 

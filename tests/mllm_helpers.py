@@ -1,0 +1,44 @@
+"""Shared builders for the MLLM tests: a tiny word-level tokenizer, the tiny UniTok and a tiny MLLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unitok.mllm import MLLMConfig, UniTokMLLM
+from unitok.mllm.text_tokenizer import build_tiny_tokenizer
+from unitok.tokenizer import TokenizerConfig, UniTok
+
+CORPUS = [
+    "USER: ASSISTANT: a red blue green circle square triangle on the left right top bottom",
+    "what colour is the shape ? how many shapes are there ? one two three",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run a test module on one torch thread (import it into the module to use it)."""
+    # Tiny models are dominated by per-op overhead; extra threads only add contention on shared CPUs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unitok(seed: int = 0) -> UniTok:
+    """The random-init ``unitok-tiny`` (64 px -> 4x4 grid, K=8, V=256)."""
+    torch.manual_seed(seed)
+    return UniTok(TokenizerConfig.preset("unitok-tiny")).eval()
+
+
+def tiny_mllm(unitok: UniTok, seed: int = 0, **overrides) -> UniTokMLLM:
+    """A random-init tiny MLLM (Llama hidden 64, 2 layers) on the tiny word-level tokenizer."""
+    torch.manual_seed(seed)
+    config = MLLMConfig.preset("tiny", **overrides)
+    return UniTokMLLM.from_config(config, unitok=unitok, text_tokenizer=build_tiny_tokenizer(CORPUS))
+
+
+def random_codes(model: UniTokMLLM, *grid: int, seed: int = 0) -> torch.Tensor:
+    """Random codes [*grid, K] valid for ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.codebook_size, (*grid, model.num_codebooks), generator=g)
