@@ -33,6 +33,7 @@ CORE = [
     "webdataset>=0.2.86",
     "braceexpand",
     "tokenizers",
+    "torch-fidelity>=0.4",
     "scipy",
     "pyyaml",
     "tqdm",

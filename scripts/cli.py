@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench data": ("unitok.scripts.bench_data", "synthetic-world generation and reader throughput"),
     "bench quantizer": ("unitok.scripts.bench_quantizer", "batched multi-codebook quantizer vs a per-codebook loop"),
     "bench tokenizer": ("unitok.scripts.bench_tokenizer", "encode/decode throughput, memory, parameter counts"),
+    "bench eval": ("unitok.scripts.bench_eval", "tokenizer evaluation throughput"),
     "bench mllm-generation": ("unitok.scripts.bench_mllm_generation", "KV-cached image generation vs full recompute"),
 }
 
