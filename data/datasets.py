@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .geneval import GENEVAL_TAGS
-from .transforms import ImageTransform, to_pm1
+from .transforms import ImageTransform, to_pm1, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _open_image(source: str | Path | bytes) -> Image.Image:
     """Decode fully (so truncation shows now, not later in a transform) and convert to RGB."""
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 def _encode_text(text: str, tokenizer: TextTokenizer | None) -> Any:

@@ -28,13 +28,23 @@ def _interpolation(name: str) -> T.InterpolationMode:
     return _INTERPOLATIONS[name]
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels (RGBA, LA, palette with transparency) over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def to_pm1(image: Image.Image) -> torch.Tensor:
     """PIL image (any mode) -> FloatTensor [3, H, W] in [-1, 1], no resizing."""
-    return T.functional.to_tensor(_rgb(image)).mul_(2.0).sub_(1.0)
+    return T.functional.to_tensor(to_rgb(image)).mul_(2.0).sub_(1.0)
 
 
 def train_transform(
@@ -47,7 +57,7 @@ def train_transform(
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
     return T.Compose(
         [
-            T.Lambda(_rgb),
+            T.Lambda(to_rgb),
             T.RandomResizedCrop(size, scale=scale, interpolation=_interpolation(interpolation)),
             to_pm1,
         ]
@@ -62,7 +72,7 @@ def eval_transform(size: int, resize_ratio: float = 1.0, interpolation: str = "b
         raise ValueError(f"resize_ratio must be >= 1 (the crop must fit), got {resize_ratio}")
     return T.Compose(
         [
-            T.Lambda(_rgb),
+            T.Lambda(to_rgb),
             T.Resize(round(size * resize_ratio), interpolation=_interpolation(interpolation)),
             T.CenterCrop(size),
             to_pm1,

@@ -13,15 +13,37 @@ import sys
 
 # name -> (module path, one-line help). Grouped names use a space: "data synth".
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data synth": ("unitok.data.synth", "write the built-in synthetic world (images, captions, VQA, GenEval prompts)"),
-    "quickstart": ("unitok.scripts.quickstart", "generate synthetic data, train and evaluate the tiny model, write a report"),
+    "data synth": (
+        "unitok.data.synth",
+        "write the built-in synthetic world (images, captions, VQA, GenEval prompts)",
+    ),
+    "quickstart": (
+        "unitok.scripts.quickstart",
+        "generate synthetic data, train and evaluate the tiny model, write a report",
+    ),
     "train-tokenizer": ("unitok.tokenizer.train", "train a UniTok tokenizer from a run config"),
-    "eval-tokenizer": ("unitok.eval.tokenizer_eval", "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy"),
+    "eval-tokenizer": (
+        "unitok.eval.tokenizer_eval",
+        "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy",
+    ),
+    "ablations": (
+        "unitok.scripts.ablations",
+        "the paper's tokenizer findings in miniature (MCQ vs RQ, codebooks, ...)",
+    ),
     "bench data": ("unitok.scripts.bench_data", "synthetic-world generation and reader throughput"),
-    "bench quantizer": ("unitok.scripts.bench_quantizer", "batched multi-codebook quantizer vs a per-codebook loop"),
-    "bench tokenizer": ("unitok.scripts.bench_tokenizer", "encode/decode throughput, memory, parameter counts"),
+    "bench quantizer": (
+        "unitok.scripts.bench_quantizer",
+        "batched multi-codebook quantizer vs a per-codebook loop",
+    ),
+    "bench tokenizer": (
+        "unitok.scripts.bench_tokenizer",
+        "encode/decode throughput, memory, parameter counts",
+    ),
     "bench eval": ("unitok.scripts.bench_eval", "tokenizer evaluation throughput"),
-    "bench mllm-generation": ("unitok.scripts.bench_mllm_generation", "KV-cached image generation vs full recompute"),
+    "bench mllm-generation": (
+        "unitok.scripts.bench_mllm_generation",
+        "KV-cached image generation vs full recompute",
+    ),
 }
 
 
@@ -50,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         group = [name for name in COMMANDS if name.split()[0] == argv[0]]
         if group:
-            print(f"unitok {argv[0]}: expected one of: {', '.join(n.split(maxsplit=1)[1] for n in group)}", file=sys.stderr)
+            print(
+                f"unitok {argv[0]}: expected one of: {', '.join(n.split(maxsplit=1)[1] for n in group)}",
+                file=sys.stderr,
+            )
         else:
             print(f"unitok: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2

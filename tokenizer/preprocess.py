@@ -14,24 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unitok.data.transforms import to_rgb
+
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 _PATCH = 16
-_BACKGROUND = (255, 255, 255)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels (RGBA, LA, palette with transparency) over white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, _BACKGROUND)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 def _as_pil(source: ImageLike) -> Image.Image:
