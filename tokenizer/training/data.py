@@ -1,0 +1,333 @@
+"""The trainer's data stream: image-text micro-batches from a position, reproducible across restarts.
+
+Both readers of ``unitok.data`` are supported: ``ImageTextFolder`` (map-style, ``format: folder``) and
+``ImageTextWebDataset`` (tar shards, ``format: webdataset``). Every process reads its own share and
+yields ``batches_per_epoch`` micro-batches of ``local_batch_size`` per epoch, the same number on every
+process (a process whose shards run dry starts them over), so no process waits for another.
+
+Reproducibility: the random crop of every sample runs under its own seed, derived from the run seed,
+the epoch and the sample's index (folder) or its place in this worker's stream (shards). Results thus
+depend neither on the number of DataLoader workers nor on the global RNG, and a resumed run sees the
+same crops as an uninterrupted one: the folder reader jumps straight to the position (its sampler is a
+seeded permutation per epoch), the shard reader replays the epoch up to it (``data.resume: exact``) or
+starts a freshly shuffled one (``reseed``).
+
+Corrupt samples are skipped by the readers; each sample carries how many were skipped before it, so
+the counts of all DataLoader workers reach the trainer (``BatchStream.skipped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+
+from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls
+from unitok.data.transforms import train_transform
+from unitok.tokenizer.text import tokenize
+
+from .config import DataSection
+from .distributed import DistInfo, barrier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a process stands in the data: ``epoch`` and micro-batches consumed in it (per process)."""
+
+    epoch: int
+    batch_in_epoch: int
+
+
+def sample_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (run seed, epoch, index, ...)."""
+    low, high = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return (int(high) << 32 | int(low)) & (2**63 - 1)
+
+
+def _seeded_call(seed: int, fn: Any, *args: Any) -> Any:
+    # A private torch RNG stream per sample: the global stream of the process stays untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)
+
+
+class _SeededFolder(Dataset):
+    """``ImageTextFolder`` indexed by ``(epoch, index)``; returns ``(img, caption, skipped before it)``."""
+
+    def __init__(self, folder: ImageTextFolder, seed: int):
+        self.folder = folder
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, str, int]:
+        epoch, index = key
+        before = self.folder.skipped.total
+        img, caption = _seeded_call(sample_seed(self.seed, epoch, index), self.folder.__getitem__, index)
+        return img, caption, self.folder.skipped.total - before
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation of ``range(dataset_size)`` per epoch, split over processes, from a start.
+
+    Process ``rank`` takes every ``world_size``-th index of the permutation and yields ``(epoch, index)``
+    for the first ``samples_per_epoch`` of its share, skipping the first ``start``.
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        samples_per_epoch: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+    ):
+        if samples_per_epoch * world_size > dataset_size:
+            raise ValueError(
+                f"an epoch of {samples_per_epoch} samples on each of {world_size} processes needs "
+                f"{samples_per_epoch * world_size} samples, the dataset has {dataset_size}"
+            )
+        self.dataset_size, self.samples_per_epoch = dataset_size, samples_per_epoch
+        self.rank, self.world_size, self.seed, self.epoch, self.start = rank, world_size, seed, epoch, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+        order = torch.randperm(self.dataset_size, generator=generator)
+        mine = order[self.rank :: self.world_size][self.start : self.samples_per_epoch]
+        return ((self.epoch, i) for i in mine.tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch - self.start
+
+
+class _SeededShards(IterableDataset):
+    """``ImageTextWebDataset`` whose samples are transformed under per-sample seeds; yields
+    ``(img, caption, skipped before it)``. ``stream_seed`` varies per epoch (and per restart)."""
+
+    def __init__(self, shards: ImageTextWebDataset, stream_seed: int):
+        super().__init__()
+        self.shards = shards
+        self.stream_seed = stream_seed
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str, int]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        samples = iter(self.shards)
+        count, before = 0, self.shards.skipped.total
+        while True:
+            try:
+                img, caption = _seeded_call(sample_seed(self.stream_seed, worker, count), next, samples)
+            except StopIteration:
+                return
+            count += 1
+            skipped, before = self.shards.skipped.total - before, self.shards.skipped.total
+            yield img, caption, skipped
+
+
+class _Collate:
+    """Stack images, tokenize captions (open_clip BPE, in the worker) and sum the skip counts."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+
+    def __call__(
+        self, samples: list[tuple[torch.Tensor, str, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, captions, skipped = zip(*samples)
+        return torch.stack(images), tokenize(list(captions), self.context_length), torch.tensor(sum(skipped))
+
+
+def count_shard_samples(shards: list[str]) -> int:
+    """Samples (keys with an image member) in tar shards, read from the headers only."""
+    total = 0
+    for shard in shards:
+        keys = set()
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    folder, name = member.name.rsplit("/", 1) if "/" in member.name else ("", member.name)
+                    stem, _, ext = name.partition(".")
+                    if member.isfile() and f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                        keys.add((folder, stem))
+        except (tarfile.TarError, OSError, EOFError) as err:
+            log.warning("could not count the samples of %s (%s); it counts as empty", shard, err)
+        total += len(keys)
+    return total
+
+
+def prepare_synth_world(section: DataSection, info: DistInfo) -> None:
+    """Write the synthetic world to ``section.path`` when ``section.synth`` asks for it and it is missing."""
+    path = Path(section.path)
+    if section.synth is not None and info.is_main and not path.exists():
+        from unitok.data.synth import SynthConfig, generate_world
+
+        log.info("writing the synthetic world to %s", path)
+        generate_world(path, SynthConfig(**section.synth))
+    barrier(info)
+
+
+class BatchStream:
+    """Endless micro-batches ``(img_B3HW in [-1,1], text ids [B, context_length])`` from a ``DataPosition``.
+
+    Attributes:
+        batches_per_epoch: micro-batches per process per epoch.
+        dataset_size: samples in one epoch's source (images of the folder, or in the shards).
+    """
+
+    def __init__(
+        self,
+        section: DataSection,
+        dataset: ImageTextFolder | ImageTextWebDataset,
+        dataset_size: int,
+        local_batch_size: int,
+        grad_accum: int,
+        seed: int,
+        info: DistInfo,
+        position: DataPosition,
+        context_length: int,
+        resumed: bool,
+    ):
+        self.section = section
+        self.dataset = dataset
+        self.dataset_size = dataset_size
+        self.local_batch_size = local_batch_size
+        self.seed = seed
+        self.info = info
+        self.collate = _Collate(context_length)
+        epoch_samples = section.samples_per_epoch or dataset_size
+        steps_per_epoch = epoch_samples // (local_batch_size * info.world_size * grad_accum)
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch of {epoch_samples} samples is smaller than one global batch of "
+                f"{local_batch_size * info.world_size * grad_accum}; use more data or a smaller batch"
+            )
+        self.batches_per_epoch = steps_per_epoch * grad_accum
+        self._skipped = 0
+        self._epoch, self._batch = position.epoch, position.batch_in_epoch
+        if self._batch >= self.batches_per_epoch:
+            self._epoch, self._batch = self._epoch + 1, 0
+        self._restarts = 0
+        self._iterator = self._open(fast_forward=resumed and self._batch > 0)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None, loader_seed: int) -> DataLoader:
+        workers = self.section.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.local_batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=self.collate,
+            drop_last=True,
+            pin_memory=self.info.device.type == "cuda",
+            generator=torch.Generator().manual_seed(loader_seed),
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _open(self, fast_forward: bool) -> Iterator:
+        """An iterator over the rest of the current epoch (or, for shards that ran dry, a restart of them)."""
+        loader_seed = sample_seed(self.seed, self._epoch, self._restarts, self.info.rank)
+        if isinstance(self.dataset, ImageTextFolder):
+            sampler = EpochSampler(
+                self.dataset_size,
+                self.batches_per_epoch * self.local_batch_size,
+                self.info.rank,
+                self.info.world_size,
+                self.seed,
+                self._epoch,
+                start=self._batch * self.local_batch_size,
+            )
+            return iter(self._loader(_SeededFolder(self.dataset, self.seed), sampler, loader_seed))
+        reseed = fast_forward and self.section.resume == "reseed"
+        stream_seed = sample_seed(
+            self.seed, self._epoch, self._restarts, self.info.rank, self._batch if reseed else 0
+        )
+        self.dataset.set_epoch(
+            sample_seed(self.seed, self._epoch, self._restarts, self._batch if reseed else 0)
+        )
+        iterator = iter(self._loader(_SeededShards(self.dataset, stream_seed), None, loader_seed))
+        if fast_forward and not reseed:
+            for _ in range(self._batch):
+                next(iterator)
+        return iterator
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch of this process."""
+        if self._batch >= self.batches_per_epoch:
+            self._epoch, self._batch, self._restarts = self._epoch + 1, 0, 0
+            self._iterator = self._open(fast_forward=False)
+        try:
+            images, ids, skipped = next(self._iterator)
+        except StopIteration:
+            # Shards of this process ran dry before the epoch's batch count: start them over.
+            self._restarts += 1
+            if self._restarts > 1000:
+                raise RuntimeError(
+                    f"{self.section.path} yields no batch of {self.local_batch_size} samples on rank "
+                    f"{self.info.rank}; check the shards and the batch size"
+                ) from None
+            self._iterator = self._open(fast_forward=False)
+            return self.next()
+        self._batch += 1
+        self._skipped += int(skipped)
+        return images, ids
+
+    def position(self) -> DataPosition:
+        """The position after the last micro-batch returned."""
+        return DataPosition(self._epoch, self._batch)
+
+    def skipped(self) -> int:
+        """Corrupt samples skipped by this process's readers (all its DataLoader workers) so far."""
+        return self._skipped
+
+
+def build_stream(
+    section: DataSection,
+    *,
+    image_size: int,
+    context_length: int,
+    local_batch_size: int,
+    grad_accum: int,
+    seed: int,
+    info: DistInfo,
+    position: DataPosition,
+    resumed: bool,
+) -> BatchStream:
+    """Open the reader that ``section`` names and wrap it in a ``BatchStream`` at ``position``."""
+    transform = train_transform(image_size, scale=section.crop_scale, interpolation=section.interpolation)
+    if section.format == "folder":
+        dataset = ImageTextFolder(section.path, split=section.split, transform=transform)
+        size = len(dataset)
+    else:
+        shards = expand_urls(section.path)
+        if not shards:
+            raise ValueError(
+                f"data.path {section.path!r} names no tar shards (a folder, glob or brace pattern)"
+            )
+        dataset = ImageTextWebDataset(
+            shards,
+            transform=transform,
+            shuffle=section.shuffle_buffer > 0,
+            shuffle_buffer=max(section.shuffle_buffer, 1),
+            seed=seed,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        size = section.samples_per_epoch or count_shard_samples(shards)
+    if size == 0:
+        raise ValueError(f"data.path {section.path!r} holds no samples")
+    return BatchStream(
+        section, dataset, size, local_batch_size, grad_accum, seed, info, position, context_length, resumed
+    )

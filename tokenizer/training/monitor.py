@@ -1,0 +1,147 @@
+"""What the trainer shows while it runs: a tqdm bar, log lines, ``metrics.jsonl``, TensorBoard, wandb,
+and PNG grids of originals over reconstructions. Only the main process writes anything.
+
+``metrics.jsonl`` has one JSON object per logged step: ``step``, ``epoch``, ``samples`` (seen so far over
+all processes), ``lr``, ``disc_lr``, every loss part (``loss``, ``l1``, ``l2``, ``lpips``, ``vq``,
+``entropy``, ``clip``, and once the discriminator runs ``gan``, ``gan_weight``, ``gan_warm``, ``disc``,
+``disc_hinge``, ``disc_bcr``, ``disc_acc_real``, ``disc_acc_fake``), ``usage`` and ``perplexity``
+(per-batch codebook figures averaged over sub-codebooks), ``grad_norm``, ``logit_scale``,
+``skipped`` (corrupt samples skipped so far, all processes) and ``samples_per_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .config import LoggingSection
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_FOLDER = "tensorboard"
+IMAGES_FOLDER = "images"
+# Shown on the progress bar, in this order, when present.
+_BAR_KEYS = ("loss", "l1", "l2", "clip", "gan", "disc", "lr", "usage")
+
+
+def _format(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
+
+
+class Monitor:
+    """Progress bar, log lines, ``metrics.jsonl``, TensorBoard and optional wandb for one run.
+
+    Args:
+        section: the run's logging section.
+        output_dir: the run folder (``metrics.jsonl``, ``tensorboard/`` and ``images/`` go there).
+        enabled: True on the main process only.
+        total_steps, start_step: the bar's length and start (after a resume).
+        run_config: the resolved run config (recorded by wandb).
+    """
+
+    def __init__(
+        self,
+        section: LoggingSection,
+        output_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        run_config: dict[str, Any],
+    ):
+        self.section = section
+        self.output_dir = output_dir
+        self.enabled = enabled
+        self.bar = None
+        self.writer = None
+        self.wandb_run = None
+        self.metrics_path = output_dir / METRICS_FILE
+        if not enabled:
+            return
+        if section.progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if section.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output_dir / TENSORBOARD_FOLDER))
+        if section.wandb:
+            self.wandb_run = _start_wandb(section, output_dir, run_config)
+
+    def advance(self) -> None:
+        """Advance the bar by one optimiser step."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Write one record (bar figures, log line, ``metrics.jsonl``, TensorBoard, wandb) for ``step``."""
+        if not self.enabled:
+            return
+        record = {"step": step, **scalars}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        message = " | ".join(f"{k} {_format(v)}" for k, v in scalars.items())
+        if self.bar is not None:
+            self.bar.set_postfix({k: _format(scalars[k]) for k in _BAR_KEYS if k in scalars}, refresh=False)
+            self.bar.write(f"step {step} | {message}")
+        else:
+            log.info("step %d | %s", step, message)
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
+
+    def last_record(self) -> dict[str, float]:
+        """The newest record of ``metrics.jsonl`` (from this or an earlier invocation), without ``step``."""
+        if not self.metrics_path.is_file():
+            return {}
+        lines = self.metrics_path.read_text().splitlines()
+        record = json.loads(lines[-1]) if lines else {}
+        record.pop("step", None)
+        return record
+
+    def images(self, step: int, originals_B3HW: torch.Tensor, recons_B3HW: torch.Tensor) -> Path | None:
+        """Save a PNG grid (top row originals, bottom row reconstructions, values in [-1,1]); returns its path."""
+        if not self.enabled:
+            return None
+        folder = self.output_dir / IMAGES_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:08d}.png"
+        pixels = torch.cat([originals_B3HW, recons_B3HW]).detach().float().cpu().clamp(-1, 1) * 0.5 + 0.5
+        grid = make_grid(pixels, nrow=originals_B3HW.shape[0], padding=2)
+        save_image(grid, path)
+        if self.writer is not None:
+            self.writer.add_image("train/reconstructions", grid, step)
+        return path
+
+    def close(self) -> None:
+        """Close the bar, TensorBoard writer and wandb run."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _start_wandb(section: LoggingSection, output_dir: Path, run_config: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        log.warning("logging.wandb is on but wandb is not installed (pip install wandb); logging without it")
+        return None
+    return wandb.init(
+        project=section.wandb_project,
+        name=section.wandb_run_name,
+        dir=str(output_dir),
+        config=run_config,
+        resume="allow",
+    )
