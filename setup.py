@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
 FOLDERS = ("tokenizer", "mllm", "data", "eval", "scripts")
@@ -12,7 +12,8 @@ def _packages():
     names = []
     for folder in FOLDERS:
         names.append(f"unitok.{folder}")
-        names.extend(f"unitok.{folder}.{sub}" for sub in find_packages(str(HERE / folder)))
+        subs = find_namespace_packages(str(HERE / folder), exclude=["*__pycache__*"])
+        names.extend(f"unitok.{folder}.{sub}" for sub in subs)
     return names
 
 
@@ -57,7 +58,7 @@ setup(
     python_requires=">=3.10",
     package_dir={f"unitok.{folder}": folder for folder in FOLDERS},
     packages=_packages(),
-    package_data={"unitok.scripts": ["configs/*.yaml", "configs/*.json"], "unitok.eval": ["tasks/**/*"]},
+    package_data={"unitok.scripts.configs": ["*.yaml", "*.json"]},
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,

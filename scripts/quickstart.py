@@ -69,7 +69,7 @@ def _evaluate(final_dir: Path, world: Path, report_dir: Path, eval_images: int) 
 
     model = UniTok.from_pretrained(final_dir).eval()
     size = model.config.image_size
-    dataset, _ = build_image_dataset(str(world), size, data_format="folder", split="test")
+    dataset, _ = build_image_dataset(str(world), size, data_format="image-text", split="test")
     loader = make_loader(dataset, batch_size=64, num_workers=0, max_images=eval_images)
     recon = evaluate_reconstruction(model, loader, grid_path=report_dir / "reconstructions.png", grid_size=8)
     zero_shot = {
