@@ -8,6 +8,7 @@ from .codebook import CodebookStats, codebook_stats
 from .fid import FeatureStats, frechet_distance, frechet_distance_torch
 from .image_metrics import psnr, ssim
 from .inception import InceptionFeatures, load_fid_inception
+from .quantization import quantization_error
 from .tokenizer_eval import evaluate_reconstruction, reference_stats
 from .zero_shot import (
     evaluate_zero_shot,
@@ -31,6 +32,7 @@ __all__ = [
     "imagenet_classnames",
     "load_fid_inception",
     "psnr",
+    "quantization_error",
     "read_classnames",
     "reference_stats",
     "ssim",
