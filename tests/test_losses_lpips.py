@@ -59,9 +59,8 @@ def test_frozen_layout_and_bundled_lins(metric):
     keys = list(metric.state_dict())
     assert all(k.startswith(("net.slice", "lins.")) for k in keys)
     assert {f"lins.{i}.model.1.weight" for i in range(5)} <= set(keys)
-    bundled = torch.load(
-        Path(lpips_package.__file__).parent / "weights/v0.1/vgg.pth", map_location="cpu", weights_only=True
-    )
+    bundled_path = Path(lpips_package.__file__).parent / "weights/v0.1/vgg.pth"
+    bundled = torch.load(bundled_path, map_location="cpu", weights_only=True)
     assert torch.equal(metric.lins[3].model[1].weight, bundled["lin3.model.1.weight"])
 
 
