@@ -134,6 +134,21 @@ def direction_word(obj: SceneObject, image_size: int) -> str | None:
     return "top" if dy < 0 else "bottom"
 
 
+def _group_by(objs: list, attribute: str) -> dict[str, list]:
+    """Objects grouped by the value of ``attribute`` ("shape" or "color"), values sorted."""
+    values = sorted({getattr(o, attribute) for o in objs})
+    return {v: [o for o in objs if getattr(o, attribute) == v] for v in values}
+
+
+def _pick_uniform(groups: dict[str, list], attribute: str, rng) -> tuple[str, list] | None:
+    """A random group whose objects all share one ``attribute`` value, as ``(key, objects)``; None if none is."""
+    uniform = [key for key, group in groups.items() if len({getattr(o, attribute) for o in group}) == 1]
+    if not uniform:
+        return None
+    key = _pick(rng, uniform)
+    return key, groups[key]
+
+
 def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     """Question/answer pairs about a scene: at most one per kind of QA_KINDS that has a clear answer.
 
@@ -143,11 +158,10 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     objs = list(scene.objects)
     out: list[dict[str, str]] = []
     # colour: of a shape whose objects all share one colour
-    by_shape = {s: [o for o in objs if o.shape == s] for s in sorted({o.shape for o in objs})}
-    mono = [s for s, group in by_shape.items() if len({o.color for o in group}) == 1]
-    if mono:
-        shape = _pick(rng, mono)
-        group = by_shape[shape]
+    by_shape = _group_by(objs, "shape")
+    picked = _pick_uniform(by_shape, "color", rng)
+    if picked is not None:
+        shape, group = picked
         q = (
             f"What color is the {shape}?"
             if len(group) == 1
@@ -189,11 +203,9 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[dict[str, str]]:
     if position is not None:
         out.append(position)
     # shape: of a colour whose objects all share one shape
-    by_color = {c: [o for o in objs if o.color == c] for c in sorted({o.color for o in objs})}
-    mono_c = [c for c, group in by_color.items() if len({o.shape for o in group}) == 1]
-    if mono_c:
-        color = _pick(rng, mono_c)
-        group = by_color[color]
+    picked = _pick_uniform(_group_by(objs, "color"), "shape", rng)
+    if picked is not None:
+        color, group = picked
         q = (
             f"What shape is the {color} object?"
             if len(group) == 1
