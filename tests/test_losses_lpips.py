@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from unitok.tokenizer.losses import LPIPS, ReconstructionLoss
-from unitok.tokenizer.losses.perceptual import _unit_normalize
+from unitok.tokenizer.losses.perceptual import _SLICE_STARTS, _unit_normalize
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,52 @@ def test_loads_torchvision_and_combined_files(metric, tmp_path):
     torch.save({"foo": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="neither"):
         LPIPS(weights_path=tmp_path / "bad.pth")
+
+
+def _reference_layout(state_dict):
+    """This module's state dict written the way the reference's lpips_with_vgg.pth is: each slice numbered
+    from 0, lins under both ``lins.{i}`` and ``lin{i}``, the input-scaling buffers included."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("net.slice"):
+            _, slice_name, index, param = key.split(".")
+            start = _SLICE_STARTS[int(slice_name[-1]) - 1]
+            out[f"net.{slice_name}.{int(index) - start}.{param}"] = value.clone()
+        else:
+            out[key] = value.clone()
+            out[key.replace("lins.", "lin")] = value.clone()
+    out["shift"] = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    out["scale_inv"] = 1 / torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    return out
+
+
+def test_loads_reference_layout_file(metric, tmp_path):
+    torch.manual_seed(2)
+    source = {k: torch.randn_like(v) for k, v in metric.state_dict().items()}
+    reference = _reference_layout(source)
+    assert "net.slice2.1.weight" in reference and "net.slice3.5.weight" in reference
+    assert "net.slice2.5.weight" not in reference
+    torch.save(reference, tmp_path / "lpips_with_vgg.pth")
+    loaded = LPIPS(weights_path=tmp_path / "lpips_with_vgg.pth", min_size=16)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, source[key]), key
+    # torchvision's features.5 is the reference's slice2.1
+    assert torch.equal(getattr(loaded.net.slice2, "5").weight, reference["net.slice2.1.weight"])
+    img = _images(0)
+    assert loaded(_images(1), img).item() != pytest.approx(metric(_images(1), img).item())
+
+    bad = dict(reference, shift=torch.zeros(1, 3, 1, 1))
+    torch.save(bad, tmp_path / "bad_shift.pth")
+    with pytest.raises(ValueError, match="shift"):
+        LPIPS(weights_path=tmp_path / "bad_shift.pth", min_size=16)
+    conflict = dict(reference, **{"lin0.model.1.weight": reference["lin0.model.1.weight"] + 1})
+    torch.save(conflict, tmp_path / "conflict.pth")
+    with pytest.raises(ValueError, match="alias"):
+        LPIPS(weights_path=tmp_path / "conflict.pth", min_size=16)
+    truncated = {k: v for k, v in reference.items() if not k.startswith("net.slice4.")}
+    torch.save(truncated, tmp_path / "truncated.pth")
+    with pytest.raises(ValueError, match=r"(?s)truncated\.pth.*slice4"):
+        LPIPS(weights_path=tmp_path / "truncated.pth", min_size=16)
 
 
 def test_reconstruction_loss_with_lpips(metric):
