@@ -43,9 +43,9 @@ CORE = [
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.14"],
     "eval": ["lmms-eval>=0.3", "filelock<4"],
-    "demo": ["gradio>=4"],
+    "demo": ["gradio>=6"],
     "wandb": ["wandb"],
-    "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff"],
+    "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "wandb" for dep in deps})
 

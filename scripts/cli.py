@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unitok.scripts.bench_mllm_generation",
         "KV-cached image generation vs full recompute",
     ),
+    "demo": (
+        "unitok.scripts.demo.app",
+        "web app: chat about an image, text to image, tokenizer reconstruction",
+    ),
+    "chat": ("unitok.scripts.chat", "chat with the MLLM about an image in the terminal"),
 }
 
 
