@@ -1,15 +1,19 @@
-"""The quick start: the whole tokenizer pipeline on the built-in synthetic world, on a CPU.
+"""The quick start: the whole UniTok pipeline on the built-in synthetic world, on a CPU.
 
-1. writes the synthetic world (images, captions, shards, class folders) unless it is already there;
-2. trains ``unitok-tiny`` with the ``unitok-tiny-synth`` run config (an interrupted run resumes);
-3. evaluates the trained tokenizer on the held-out test split: PSNR/SSIM of reconstructions,
-   per-sub-codebook usage and perplexity, and zero-shot classification of shape and colour from text
-   prompts alone;
-4. writes ``REPORT.md`` (metrics against their targets, the training budget, a reconstruction grid)
-   and ``report.json``.
+Stages (each writes under ``--out`` and is reused when the quick start runs again; ``--stage NAME``
+reruns one of them):
 
-Every step is idempotent: a second call reuses the world, the finished training run and rewrites
-only the report.
+1. ``world``: the synthetic world (images, captions, questions, class folders, GenEval prompts);
+2. ``tokenizer``: trains ``unitok-tiny`` with the ``unitok-tiny-synth`` run config (an interrupted run
+   resumes) and evaluates it on the held-out test split: PSNR/SSIM, per-sub-codebook usage, zero-shot
+   shape and colour classification from text prompts alone, a reconstruction grid;
+3. ``codes``: the UniTok codes of the world's train and test images;
+4. ``mllm``: trains a small unified MLLM from scratch on the codes (questions -> answers, captions ->
+   image codes);
+5. ``vqa``: answers the held-out test questions, accuracy per question type;
+6. ``generation``: text-to-image on the world's GenEval prompts, scored by the synthetic GenEval scorer;
+7. ``report``: ``REPORT.md`` and ``report.json`` (targets reached or not, stage times, grids, examples,
+   the demo command).
 """
 
 from __future__ import annotations
@@ -18,25 +22,46 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 
 logger = logging.getLogger("unitok.quickstart")
 
 RUN_CONFIG = "unitok-tiny-synth"
-# What the quick start aims for on held-out synthetic images (see the report).
-TARGETS = {"psnr": 28.0, "usage": 90.0, "zero_shot_shape": 90.0, "zero_shot_color": 90.0}
+STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "generation", "report")
+QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "existence")
+# (name in report.json, how the report says it, target, unit); every one is measured on held-out data.
+TARGETS: tuple[tuple[str, str, float, str], ...] = (
+    ("tokenizer_psnr", "tokenizer PSNR of reconstructions", 27.0, "dB"),
+    ("tokenizer_usage_min", "tokenizer usage of the least-used sub-codebook (> target)", 90.0, "%"),
+    ("zero_shot_color", "zero-shot colour, top-1", 95.0, "%"),
+    ("zero_shot_shape", "zero-shot shape, top-1", 80.0, "%"),
+    ("vqa_overall", "VQA accuracy, all questions", 80.0, "%"),
+    *((f"vqa_{t}", f"VQA accuracy, {t} questions", 60.0, "%") for t in QA_TYPES),
+    ("geneval_overall", "synthetic GenEval overall", 0.5, ""),
+    ("total_minutes", "quick start wall time, all stages (<= target)", 15.0, "min"),
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/quickstart", help="folder for data, run and report")
-    parser.add_argument("--config", default=RUN_CONFIG, help="run config preset name or file")
+    parser.add_argument("--out", default="runs/quickstart", help="folder for data, models and report")
+    parser.add_argument("--config", default=RUN_CONFIG, help="tokenizer run config (preset name or file)")
+    parser.add_argument(
+        "--stage",
+        action="append",
+        choices=STAGES,
+        default=[],
+        help="rerun this stage even when its output exists (repeatable); the others are reused",
+    )
     parser.add_argument(
         "--num-images", type=int, default=None, help="synthetic images (default: the config's)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     parser.add_argument(
-        "--eval-images", type=int, default=400, help="held-out images for reconstruction metrics"
+        "--steps", type=int, default=None, help="tokenizer training steps (default: the config's)"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=400, help="held-out images for the reconstruction metrics"
     )
     parser.add_argument(
         "--set",
@@ -44,25 +69,224 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="run-config override",
+        help="tokenizer run-config override",
     )
+    parser.add_argument(
+        "--mllm",
+        dest="mllm_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MLLM recipe override (fields of MLLMRecipe, e.g. steps=300) ",
+    )
+    parser.add_argument(
+        "--sampling",
+        dest="sampling_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="text-to-image sampling override (fields of SamplingRecipe, e.g. images_per_prompt=1)",
+    )
+    parser.add_argument(
+        "--max-prompts",
+        type=int,
+        default=None,
+        help="score only this many GenEval prompts (spread over tags)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
-def _world(out: Path, config) -> Path:
-    from unitok.data.synth import SynthConfig, generate_world
+def _parse_fields(cls, items: list[str]) -> dict:
+    import yaml
 
-    world = Path(config.data.path)
-    if (world / "metadata.json").exists():
-        logger.info("reusing the synthetic world in %s", world)
-        return world
-    synth = SynthConfig(**(config.data.synth or {}))
-    logger.info("writing the synthetic world (%d images at %d px) to %s", synth.num_images, synth.size, world)
-    generate_world(world, synth)
-    return world
+    known = {f.name: f for f in fields(cls)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"expected KEY=VALUE with KEY one of {sorted(known)}, got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
-def _evaluate(final_dir: Path, world: Path, report_dir: Path, eval_images: int) -> dict:
+class Pipeline:
+    """Runs the stages in order, reusing each one's record ``stages/NAME.json`` unless asked to rerun it."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from unitok.scripts.quickstart_mllm import MLLMRecipe, SamplingRecipe
+        from unitok.tokenizer.training.config import load_run_config
+
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        overrides = [f"output_dir={self.out / 'tokenizer'}", f"data.path={self.out / 'world'}"]
+        if args.num_images is not None:
+            overrides.append(f"data.synth.num_images={args.num_images}")
+        if args.steps is not None:
+            overrides.append(f"train.total_steps={args.steps}")
+        self.config = load_run_config(args.config, overrides + args.overrides)
+        self.mllm_recipe = MLLMRecipe(**_parse_fields(MLLMRecipe, args.mllm_overrides))
+        self.sampling = SamplingRecipe(**_parse_fields(SamplingRecipe, args.sampling_overrides))
+        self.rerun = set(args.stage)
+        self.records: dict[str, dict] = {}
+        self.progress = not args.no_progress
+
+    # paths
+    @property
+    def world(self) -> Path:
+        return Path(self.config.data.path)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return Path(self.config.output_dir) / "final"
+
+    @property
+    def codes_dir(self) -> Path:
+        return self.out / "codes"
+
+    @property
+    def mllm_dir(self) -> Path:
+        return self.out / "mllm"
+
+    def _record_path(self, name: str) -> Path:
+        return self.out / "stages" / f"{name}.json"
+
+    def run(self) -> Path:
+        for name in STAGES:
+            path = self._record_path(name)
+            if name != "report" and path.is_file() and name not in self.rerun:
+                self.records[name] = json.loads(path.read_text())
+                logger.info(
+                    "stage %s: reusing %s (%.0f s when it ran)", name, path, self.records[name]["seconds"]
+                )
+                continue
+            logger.info("stage %s: running", name)
+            started = time.perf_counter()
+            result = getattr(self, f"stage_{name}")()
+            record = {"stage": name, "seconds": time.perf_counter() - started, "result": result}
+            self.records[name] = record
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(path)
+            logger.info("stage %s: done in %.1f s", name, record["seconds"])
+        return self.out / "REPORT.md"
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_world(self) -> dict:
+        from unitok.data.synth import SynthConfig, generate_world
+
+        synth = SynthConfig(**(self.config.data.synth or {}))
+        if not (self.world / "metadata.json").exists() or "world" in self.rerun:
+            logger.info(
+                "writing the synthetic world (%d images at %d px) to %s",
+                synth.num_images,
+                synth.size,
+                self.world,
+            )
+            generate_world(self.world, synth, overwrite=True) if "world" in self.rerun else generate_world(
+                self.world, synth
+            )
+        meta = json.loads((self.world / "metadata.json").read_text())
+        return {"path": str(self.world), "config": meta.get("config"), "splits": meta.get("splits")}
+
+    def stage_tokenizer(self) -> dict:
+        from unitok.tokenizer.train import train
+
+        if "tokenizer" in self.rerun and self.tokenizer_dir.exists():
+            logger.info("rerunning the tokenizer stage: evaluating the finished run again")
+        result = train(self.config)
+        if result.final_dir is None:
+            raise RuntimeError(
+                f"training stopped at step {result.step} of {result.total_steps}; rerun to resume"
+            )
+        evaluation = _evaluate_tokenizer(Path(result.final_dir), self.world, self.out, self.args.eval_images)
+        recon = evaluation["reconstruction"]
+        usage = [float(u) for u in recon["codebook"]["usage_percent"]]
+        losses = {
+            k: round(float(result.metrics[k]), 4)
+            for k in ("loss", "l1", "l2", "vq", "clip")
+            if k in result.metrics
+        }
+        return {
+            "run_dir": str(result.output_dir),
+            "final_dir": str(result.final_dir),
+            "steps": result.step,
+            "batch": self.config.train.local_batch_size,
+            "samples": int(result.metrics.get("samples", 0)),
+            "losses": losses,
+            "skipped": result.skipped,
+            "psnr": recon["psnr"],
+            "ssim": recon["ssim"],
+            "usage": usage,
+            "usage_min": min(usage),
+            "perplexity": [float(p) for p in recon["codebook"]["perplexity"]],
+            "images": recon["num_images"],
+            "zero_shot_shape": 100 * evaluation["zero_shot"]["shape"]["top1"],
+            "zero_shot_color": 100 * evaluation["zero_shot"]["color"]["top1"],
+            "grid": "reconstructions.png",
+        }
+
+    def stage_codes(self) -> dict:
+        from unitok.scripts.quickstart_mllm import extract_codes
+
+        return extract_codes(self.tokenizer_dir, self.world, self.codes_dir)
+
+    def stage_mllm(self) -> dict:
+        from unitok.scripts.quickstart_mllm import train_mllm
+
+        return train_mllm(
+            self.tokenizer_dir, self.world, self.codes_dir, self.mllm_dir, self.mllm_recipe, self.progress
+        )
+
+    def stage_vqa(self) -> dict:
+        from unitok.scripts.quickstart_mllm import eval_vqa_library
+
+        result = eval_vqa_library(self.mllm_dir, self.world, self.codes_dir)
+        _save_qa_examples(self.out, self.world, result["examples"])
+        result["example_images"] = "qa_examples"
+        return result
+
+    def stage_generation(self) -> dict:
+        from unitok.mllm import UniTokMLLM
+        from unitok.scripts.quickstart_mllm import (
+            generate_for_prompts,
+            geneval_prompts,
+            score_geneval_library,
+        )
+
+        metas = geneval_prompts(self.world)
+        if self.args.max_prompts is not None:
+            metas = _spread(metas, self.args.max_prompts)
+        model = UniTokMLLM.from_pretrained(self.mllm_dir).eval()
+        images = generate_for_prompts(model, [m["prompt"] for m in metas], self.sampling)
+        scores = score_geneval_library(metas, images)
+        _save_generation_grid(self.out / "generated.png", metas, images)
+        return {**scores, "sampling": asdict(self.sampling), "grid": "generated.png", "via": "library"}
+
+    def stage_report(self) -> dict:
+        return {"report": str(write_report(self.out, self.records))}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _spread(items: list[dict], n: int) -> list[dict]:
+    """``n`` items taken round-robin over the tags (all when n is at least the total)."""
+    by_tag: dict[str, list[dict]] = {}
+    for item in items:
+        by_tag.setdefault(item["tag"], []).append(item)
+    picked: list[dict] = []
+    while len(picked) < min(n, len(items)):
+        for group in by_tag.values():
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    return picked
+
+
+def _evaluate_tokenizer(final_dir: Path, world: Path, report_dir: Path, eval_images: int) -> dict:
     from unitok.eval import evaluate_reconstruction, evaluate_zero_shot
     from unitok.eval.tokenizer_eval import build_image_dataset, make_loader
     from unitok.tokenizer import UniTok
@@ -81,116 +305,202 @@ def _evaluate(final_dir: Path, world: Path, report_dir: Path, eval_images: int) 
     return {"reconstruction": recon, "zero_shot": zero_shot}
 
 
-def _row(name: str, value: float | None, target: float, unit: str) -> str:
+def _upscale(image, size: int = 128):
+    from PIL import Image
+
+    return image.resize((size, size), Image.NEAREST)
+
+
+def _save_qa_examples(out: Path, world: Path, rows: list[dict], n: int = 4) -> None:
+    from PIL import Image
+
+    folder = out / "qa_examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: list[str] = []
+    for row in rows:
+        if row["id"] in seen:
+            continue
+        seen.append(row["id"])
+        if len(seen) > n:
+            break
+        with Image.open(world / "images" / "test" / f"{row['id']}.png") as im:
+            _upscale(im.convert("RGB")).save(folder / f"{row['id']}.png")
+
+
+def _save_generation_grid(path: Path, metas: list[dict], images: list[list], n: int = 12) -> None:
+    """A grid of generated images, one row per prompt (first ``n`` prompts), the prompt written on the left."""
+    from PIL import Image, ImageDraw
+
+    rows = list(zip(metas, images))[:n]
+    if not rows:
+        return
+    cell, text_w = 96, 320
+    per = max(len(imgs) for _, imgs in rows)
+    canvas = Image.new("RGB", (text_w + per * cell, len(rows) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (meta, imgs) in enumerate(rows):
+        draw.text((4, r * cell + cell // 2 - 6), meta["prompt"], fill=(0, 0, 0))
+        for c, im in enumerate(imgs):
+            canvas.paste(_upscale(im, cell), (text_w + c * cell, r * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def _fmt(value: float | None, unit: str) -> str:
     if value is None:
-        return f"| {name} | n/a | {target:g}{unit} | not measured |"
-    verdict = "reached" if value >= target else "not reached"
-    return f"| {name} | {value:.2f}{unit} | {target:g}{unit} | {verdict} |"
+        return "n/a"
+    return f"{value:.3f}" if unit == "" else f"{value:.2f} {unit}".rstrip()
 
 
-def write_report(out: Path, summary: dict) -> Path:
-    """Write ``REPORT.md`` and ``report.json`` from the quick start's summary dict."""
-    metrics = summary["metrics"]
+def collect_targets(records: dict[str, dict]) -> list[dict]:
+    """One entry per target: ``name``, ``measured`` (None when its stage did not run), ``target``, ``reached``."""
+
+    def result(stage: str) -> dict:
+        return records.get(stage, {}).get("result", {})
+
+    tok, vqa, gen = result("tokenizer"), result("vqa"), result("generation")
+    measured = {
+        "tokenizer_psnr": tok.get("psnr"),
+        "tokenizer_usage_min": tok.get("usage_min"),
+        "zero_shot_color": tok.get("zero_shot_color"),
+        "zero_shot_shape": tok.get("zero_shot_shape"),
+        "vqa_overall": vqa.get("overall"),
+        **{f"vqa_{t}": vqa.get("per_type", {}).get(t) for t in QA_TYPES},
+        "geneval_overall": gen.get("overall"),
+        "total_minutes": sum(r["seconds"] for n, r in records.items() if n != "report") / 60,
+    }
+    out = []
+    for name, _, target, unit in TARGETS:
+        value = measured[name]
+        if value is None:
+            reached = False
+        elif name == "total_minutes":
+            reached = value <= target
+        elif name == "tokenizer_usage_min":
+            reached = value > target
+        else:
+            reached = value >= target
+        out.append({"name": name, "measured": value, "target": target, "unit": unit, "reached": reached})
+    return out
+
+
+def write_report(out: Path, records: dict[str, dict]) -> Path:
+    """Write ``REPORT.md`` and ``report.json`` from the stage records."""
+    targets = collect_targets(records)
+    labels = {name: label for name, label, _, _ in TARGETS}
+
+    def result(stage: str) -> dict:
+        return records.get(stage, {}).get("result", {})
+
+    tok, vqa, gen, mllm, world = (result(s) for s in ("tokenizer", "vqa", "generation", "mllm", "world"))
     lines = [
         "# UniTok quick start report",
         "",
-        f"`unitok-tiny` trained on the built-in synthetic world ({summary['world']}), evaluated on the held-out test split.",
+        "`unitok-tiny` and a small unified MLLM trained from scratch on the built-in synthetic world "
+        f"(`{world.get('path', '?')}`); every figure below is measured on its held-out test split or prompts.",
         "",
         "## Targets",
         "",
-        "| metric | measured | target | |",
+        "| target | measured | goal | |",
         "|---|---|---|---|",
-        _row("PSNR of reconstructions", metrics["psnr"], TARGETS["psnr"], " dB"),
-        _row("codebook usage (lowest sub-codebook)", metrics["usage_min"], TARGETS["usage"], "%"),
-        _row("zero-shot shape, top-1", metrics["zero_shot_shape"], TARGETS["zero_shot_shape"], "%"),
-        _row("zero-shot colour, top-1", metrics["zero_shot_color"], TARGETS["zero_shot_color"], "%"),
+    ]
+    for t in targets:
+        verdict = "reached" if t["reached"] else ("not measured" if t["measured"] is None else "not reached")
+        lines.append(
+            f"| {labels[t['name']]} | {_fmt(t['measured'], t['unit'])} | {_fmt(t['target'], t['unit'])} | {verdict} |"
+        )
+    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
+    for name in STAGES:
+        rec = records.get(name)
+        if rec is None:
+            lines.append(f"| {name} | | not run |")
+        else:
+            lines.append(f"| {name} | {rec['seconds']:.1f} | {rec['result'].get('via', '')} |")
+    lines += [
         "",
-        "## Other measurements",
-        "",
-        f"- SSIM: {metrics['ssim']:.4f}",
-        f"- codebook usage per sub-codebook (%): {', '.join(f'{u:.1f}' for u in metrics['usage'])}",
-        f"- codebook perplexity per sub-codebook: {', '.join(f'{p:.1f}' for p in metrics['perplexity'])}",
-        f"- evaluated images: {metrics['images']}",
-        "",
-        "## Training budget",
-        "",
-        f"- steps: {summary['train']['steps']} (global batch {summary['train']['batch']}), "
-        f"{summary['train']['samples']} images seen",
-        f"- wall time of this invocation: {summary['train']['seconds']:.0f} s (0 when the run was already finished)",
-        f"- final training losses: {summary['train']['losses']}",
-        f"- corrupt samples skipped: {summary['train']['skipped']}",
-        "",
-        "## Reconstructions",
-        "",
-        "Originals (top) and their reconstructions from the discrete codes (bottom):",
-        "",
-        "![reconstructions](reconstructions.png)",
-        "",
-        f"Training-time grids are in `{summary['run_dir']}/images/`.",
+        "Stage times are those of the call that ran each stage (a reused stage keeps its time).",
         "",
     ]
+    if tok:
+        lines += [
+            "## Tokenizer",
+            "",
+            f"- {tok['steps']} steps of batch {tok['batch']} ({tok['samples']} images seen); final losses {tok['losses']}",
+            f"- PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['images']} test images",
+            f"- usage per sub-codebook (%): {', '.join(f'{u:.1f}' for u in tok['usage'])}",
+            f"- perplexity per sub-codebook: {', '.join(f'{p:.1f}' for p in tok['perplexity'])}",
+            f"- zero-shot top-1: shape {tok['zero_shot_shape']:.1f}%, colour {tok['zero_shot_color']:.1f}%",
+            f"- corrupt samples skipped: {tok['skipped']}",
+            "",
+            "Originals (top) and their reconstructions from the discrete codes (bottom):",
+            "",
+            "![reconstructions](reconstructions.png)",
+            "",
+        ]
+    if mllm:
+        r = mllm["recipe"]
+        lines += [
+            "## MLLM",
+            "",
+            f"- Llama hidden {r['hidden']}, {r['layers']} layers; depth head width {r['depth_width']}, "
+            f"{r['depth_layers']} layers; {mllm['parameters']:,} trainable parameters",
+            f"- {r['steps']} steps of batch {r['batch']} (generation fraction {r['generation_fraction']}), lr {r['lr']}",
+            f"- final losses: {mllm['final']}",
+            "",
+        ]
+    if vqa:
+        lines += [
+            "## Visual question answering",
+            "",
+            f"{vqa['questions']} held-out questions; accuracy {vqa['overall']:.1f}% overall; per type: "
+            + ", ".join(f"{k} {v:.1f}%" for k, v in vqa["per_type"].items()),
+            "",
+            "| image | question | answer | truth |",
+            "|---|---|---|---|",
+        ]
+        shown = {p.stem for p in (out / "qa_examples").glob("*.png")}
+        for row in [r for r in vqa["examples"] if r["id"] in shown][:10]:
+            lines.append(
+                f"| ![{row['id']}](qa_examples/{row['id']}.png) | {row['question']} | {row['prediction']} | {row['answer']} |"
+            )
+        lines.append("")
+    if gen:
+        lines += [
+            "## Text to image",
+            "",
+            f"{gen['prompts']} GenEval prompts of the world, {gen['sampling']['images_per_prompt']} images each "
+            f"(cfg {gen['sampling']['cfg_scale']}, temperature {gen['sampling']['temperature']}); overall "
+            f"{gen['overall']:.3f}; per tag: " + ", ".join(f"{k} {v:.2f}" for k, v in gen["per_tag"].items()),
+            "",
+            "Prompts (left) and generated images:",
+            "",
+            "![generated](generated.png)",
+            "",
+        ]
+    if mllm:
+        lines += [
+            "## Try it",
+            "",
+            "```",
+            f"unitok demo --model {mllm['dir']}",
+            "```",
+            "",
+        ]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    summary = {
+        "targets": targets,
+        "stages": {n: {"seconds": r["seconds"]} for n, r in records.items()},
+        "results": {n: r["result"] for n, r in records.items() if n != "report"},
+    }
+    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return report
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from unitok.tokenizer.train import train
-    from unitok.tokenizer.training.config import load_run_config
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    overrides = [f"output_dir={out / 'tokenizer'}", f"data.path={out / 'world'}"]
-    if args.num_images is not None:
-        overrides.append(f"data.synth.num_images={args.num_images}")
-    if args.steps is not None:
-        overrides.append(f"train.total_steps={args.steps}")
-    config = load_run_config(args.config, overrides + args.overrides)
-
-    world = _world(out, config)
-    started = time.perf_counter()
-    result = train(config)
-    seconds = time.perf_counter() - started
-    if result.final_dir is None:
-        raise RuntimeError(f"training stopped at step {result.step} of {result.total_steps}; rerun to resume")
-
-    logger.info("evaluating %s on the held-out test split", result.final_dir)
-    evaluation = _evaluate(result.final_dir, world, out, args.eval_images)
-    recon = evaluation["reconstruction"]
-    usage = [float(u) for u in recon["codebook"]["usage_percent"]]
-    losses = {
-        k: round(float(result.metrics[k]), 4)
-        for k in ("loss", "l1", "l2", "vq", "clip")
-        if k in result.metrics
-    }
-    summary = {
-        "world": str(world),
-        "run_dir": str(result.output_dir),
-        "train": {
-            "steps": result.step,
-            "batch": config.train.local_batch_size,
-            "samples": int(result.metrics.get("samples", 0)),
-            "seconds": seconds,
-            "losses": losses,
-            "skipped": result.skipped,
-        },
-        "metrics": {
-            "psnr": recon["psnr"],
-            "ssim": recon["ssim"],
-            "usage": usage,
-            "usage_min": min(usage),
-            "perplexity": [float(p) for p in recon["codebook"]["perplexity"]],
-            "images": recon["num_images"],
-            "zero_shot_shape": 100 * evaluation["zero_shot"]["shape"]["top1"],
-            "zero_shot_color": 100 * evaluation["zero_shot"]["color"]["top1"],
-        },
-        "evaluation": evaluation,
-    }
-    report = write_report(out, summary)
+    report = Pipeline(args).run()
     print(report.read_text())
     print(f"report written to {report}")
     return 0

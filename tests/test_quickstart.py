@@ -1,32 +1,63 @@
-"""The quick start end to end on a tiny budget: world, training, evaluation, report."""
+"""The quick start end to end on a tiny budget: every stage runs, the report has every section, and a
+second call reuses every stage while ``--stage`` reruns one."""
 
 import json
 
 from unitok.scripts import quickstart
 
+SECTIONS = (
+    "## Targets",
+    "## Stages",
+    "## Tokenizer",
+    "![reconstructions](reconstructions.png)",
+    "## MLLM",
+    "## Visual question answering",
+    "## Text to image",
+    "![generated](generated.png)",
+    "## Try it",
+    "unitok demo --model",
+)
 
-def test_quickstart_writes_world_run_and_report(tmp_path, capsys):
+
+def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = [
-        "--out", str(out), "--num-images", "160", "--steps", "2", "--eval-images", "8",
+        "--out", str(out), "--num-images", "120", "--steps", "2", "--eval-images", "8",
         "--set", "data.synth.size=32", "--set", "data.synth.classify_per_class=2",
         "--set", "data.num_workers=0", "--set", "model.overrides.image_size=32",
         "--set", "train.local_batch_size=4", "--set", "logging.progress_bar=false",
         "--set", "logging.tensorboard=false", "--set", "train.cpu_threads=1",
+        "--mllm", "steps=3", "--mllm", "batch=4", "--mllm", "hidden=32", "--mllm", "layers=1",
+        "--mllm", "intermediate=64", "--mllm", "depth_width=32",
+        "--sampling", "images_per_prompt=1", "--max-prompts", "6", "--no-progress",
     ]  # fmt: skip
     assert quickstart.main(argv) == 0
-    assert (out / "world" / "metadata.json").is_file()
-    assert (out / "tokenizer" / "final" / "config.json").is_file()
+    for stage in quickstart.STAGES:
+        assert (out / "stages" / f"{stage}.json").is_file(), stage
     summary = json.loads((out / "report.json").read_text())
-    assert summary["train"]["steps"] == 2
-    metrics = summary["metrics"]
-    assert metrics["images"] == 8 and len(metrics["usage"]) == 8
-    assert 0 <= metrics["zero_shot_shape"] <= 100 and 0 <= metrics["zero_shot_color"] <= 100
+    names = [t["name"] for t in summary["targets"]]
+    assert names == [name for name, *_ in quickstart.TARGETS]
+    for target in summary["targets"]:
+        assert set(target) >= {"name", "measured", "target", "reached"}
+        assert target["measured"] is not None, target["name"]
+        assert isinstance(target["reached"], bool)
+    results = summary["results"]
+    assert results["tokenizer"]["steps"] == 2 and len(results["tokenizer"]["usage"]) == 8
+    assert results["codes"]["images"]["test"] == 6
+    assert set(results["vqa"]["per_type"]) <= set(quickstart.QA_TYPES)
+    assert results["vqa"]["questions"] > 0 and results["generation"]["prompts"] == 6
+    assert set(summary["stages"]) == set(quickstart.STAGES) - {"report"}
     report = (out / "REPORT.md").read_text()
-    assert "| PSNR of reconstructions |" in report and (out / "reconstructions.png").is_file()
-    # A second call reuses the world and the finished run and only rewrites the report.
-    world_mtime = (out / "world" / "metadata.json").stat().st_mtime
-    assert quickstart.main(argv) == 0
-    assert (out / "world" / "metadata.json").stat().st_mtime == world_mtime
-    assert json.loads((out / "report.json").read_text())["train"]["steps"] == 2
+    for section in SECTIONS:
+        assert section in report, section
+    for image in ("reconstructions.png", "generated.png"):
+        assert (out / image).is_file()
+    assert list((out / "qa_examples").glob("*.png"))
+    assert (out / "mllm" / "config.json").is_file()
+
+    # A second call reuses every stage; --stage reruns only the one named.
+    before = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
+    assert quickstart.main([*argv, "--stage", "vqa"]) == 0
+    after = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
+    assert [s for s in quickstart.STAGES if after[s] != before[s]] == ["vqa", "report"]
     assert "report written to" in capsys.readouterr().out
