@@ -1,0 +1,1 @@
+"""lmms-eval task definitions shipped with the package (``synth_vqa``: the synthetic world's VQA split)."""
