@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Config fields the weights do not pin down: a config.json without them would load "successfully" with the
+# defaults (a 256 px model that was trained at 64 px), so they must be written out.
+REQUIRED_CONFIG_KEYS = ("image_size", "quantizer")
 
 # Reference ``--model`` names and the presets with their sizes (the reference decoder supports only these).
 RELEASE_MODELS = {"vitamin_large": "unitok-large", "vitamin_base": "unitok-base"}
@@ -89,13 +92,54 @@ def save_directory(
 
 
 def load_directory(directory: str | os.PathLike) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
-    """Read a directory written by ``save_directory`` -> (config, state_dict on CPU)."""
+    """Read a directory written by ``save_directory`` -> (config, state_dict on CPU).
+
+    Raises:
+        FileNotFoundError: when ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: naming the file, when ``config.json`` is not valid JSON, lacks a field of
+            ``REQUIRED_CONFIG_KEYS`` or holds an invalid config, or when the weights file is unreadable.
+    """
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a UniTok checkpoint directory: {name} is missing")
-    config = TokenizerConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    return config, load_file(directory / WEIGHTS_NAME, device="cpu")
+    config = read_config_file(directory / CONFIG_NAME)
+    return config, read_safetensors(directory / WEIGHTS_NAME)
+
+
+def read_config_file(path: str | os.PathLike) -> TokenizerConfig:
+    """A ``config.json`` written by ``save_directory`` -> ``TokenizerConfig``; every error names the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object of TokenizerConfig fields, got {type(data).__name__}"
+        )
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in data]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {missing}: these fields are not fixed by the weights, so a default would load a "
+            f'different model silently; add them (e.g. "image_size": the size the model was trained at)'
+        )
+    try:
+        return TokenizerConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path} holds an invalid tokenizer config: {error}") from error
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file -> state dict on CPU; a truncated or corrupt file raises ValueError naming it."""
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError) without the path
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from error
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -118,17 +162,37 @@ def read_pickle(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> A
 
     ``allow_unsafe_pickle=True`` runs arbitrary code from the file: use it only for files you trust.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download or copy?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if not _refused_by_weights_only(error):
+            raise ValueError(
+                f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}"
+            ) from error
         if not allow_unsafe_pickle:
             raise ValueError(
                 f"{path} cannot be read with torch.load(weights_only=True): its pickle needs classes outside "
                 f"the safe allow-list ({str(error).splitlines()[0]}). If you trust the file, pass "
                 f"allow_unsafe_pickle=True (this executes code from the file)."
             ) from error
+    except (EOFError, OSError, RuntimeError) as error:
+        # torch reports a cut zip archive as RuntimeError or OSError(22) and a cut pickle as EOFError, none
+        # naming the file
+        raise ValueError(
+            f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}"
+        ) from error
     logger.warning("loading %s with weights_only=False (allow_unsafe_pickle=True)", path)
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _refused_by_weights_only(error: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only unpickler refused a class (rather than the pickle being corrupt)."""
+    return "weights only" in str(error).lower() or "weights_only" in str(error)
 
 
 def read_release_checkpoint(
@@ -221,7 +285,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A ``.safetensors`` file or a (weights-only) torch pickle, unwrapping ``{"state_dict": ...}``."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path, device="cpu")
+        return read_safetensors(path)
     ckpt = read_pickle(path)
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("state_dict"), Mapping):
         ckpt = ckpt["state_dict"]

@@ -9,6 +9,10 @@
 
 ``quant_proj``, the quantizer and ``post_quant_proj`` run in fp32 with autocast off; the encoder and the
 decoder run under whatever autocast the caller set (bf16 in training). Shape legend: see ``quantizer.py``.
+
+The inference methods (``encode``, ``decode``, ``reconstruct``, ``encode_image``, ``encode_text``) run without
+autograd unless called with ``grad=True``; ``encode`` checks pixel values (finite, within [-1,1]) and takes
+images of any floating dtype and device, converting them to the model's.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .checkpoint import (
 from .config import TokenizerConfig
 from .decoder import ViTaminDecoder
 from .encoder import ViTaminEncoder
-from .preprocess import check_codes, check_images
+from .preprocess import check_codes, check_images, check_pixel_values
 from .projection import build_projection
 from .quantizer import MultiCodebookQuantizer, ResidualQuantizer
 from .text import build_text_tower, tokenize
@@ -152,20 +156,26 @@ class UniTok(nn.Module):
         check_images(img_B3HW, square=True)
         return img_B3HW.shape[2] // _PATCH, img_B3HW.shape[3] // _PATCH
 
+    def _prepare_images(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        """Checked images on the model's device in its parameter dtype (fp16/bf16/fp64 inputs are converted)."""
+        self._check_images(img_B3HW)
+        check_pixel_values(img_B3HW)
+        return img_B3HW.to(device=self.logit_scale.device, dtype=self.logit_scale.dtype)
+
     def _maybe_checkpoint(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, x, use_reentrant=False)
         return module(x)
 
     def _latents(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Encoder then ``quant_proj`` in fp32 -> ``z_BLD`` (not yet quantized)."""
-        feats_BLC = self.encoder(img_B3HW).float()
+        """Encoder then ``quant_proj`` with autocast off -> ``z_BLD`` (not yet quantized)."""
+        feats_BLC = self.encoder(img_B3HW).to(self.logit_scale.dtype)
         with torch.autocast(device_type=feats_BLC.device.type, enabled=False):
             return self._maybe_checkpoint(self.quant_proj, feats_BLC)
 
     def _post_quant(self, vecs_BLD: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=vecs_BLD.device.type, enabled=False):
-            return self._maybe_checkpoint(self.post_quant_proj, vecs_BLD.float())
+            return self._maybe_checkpoint(self.post_quant_proj, vecs_BLD.to(self.logit_scale.dtype))
 
     def _clip_image_features(self, tokens_BLC: torch.Tensor, normalize: bool) -> torch.Tensor:
         features_BE = self.projection(self.fc_norm(tokens_BLC.mean(dim=1)))
@@ -193,8 +203,14 @@ class UniTok(nn.Module):
 
     @torch.no_grad()
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Images ``[B,3,H,W]`` in [-1,1] -> codes ``LongTensor [B,h,w,K]``, h = H/16 (no gradient)."""
-        h, w = self._check_images(img_B3HW)
+        """Images ``[B,3,H,W]`` in [-1,1] -> codes ``LongTensor [B,h,w,K]``, h = H/16 (no gradient: codes are discrete).
+
+        Raises:
+            ValueError: on a wrong shape, a non-float dtype, NaN/Inf pixels or values far outside [-1,1]
+                (e.g. 0-255 pixels), each message saying what was expected.
+        """
+        img_B3HW = self._prepare_images(img_B3HW)
+        h, w = img_B3HW.shape[2] // _PATCH, img_B3HW.shape[3] // _PATCH
         z_BLD = self._latents(img_B3HW)
         codes_BLK = self.quantizer.quantize(z_BLD)
         return rearrange(codes_BLK, "b (h w) k -> b h w k", h=h, w=w)
@@ -207,26 +223,34 @@ class UniTok(nn.Module):
         """
         return self.quantizer.codes_to_vectors(codes_BhwK)
 
-    def decode(self, codes_BhwK: torch.Tensor) -> torch.Tensor:
-        """Codes ``[B,h,w,K]`` -> images ``[B,3,16h,16w]`` clamped to [-1,1]."""
+    def decode(self, codes_BhwK: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """Codes ``[B,h,w,K]`` -> images ``[B,3,16h,16w]`` (fp32) clamped to [-1,1]; autograd only with ``grad=True``."""
         check_codes(codes_BhwK, self.config.num_codebooks, self.config.codebook_size)
-        vecs_BhwD = self.quantizer.codes_to_vectors(codes_BhwK)
-        h, w = vecs_BhwD.shape[1:3]
-        tokens_BLC = self._post_quant(rearrange(vecs_BhwD, "b h w d -> b (h w) d"))
-        return self.decoder(tokens_BLC, (h, w)).float().clamp(-1, 1)
+        with torch.set_grad_enabled(grad):
+            vecs_BhwD = self.quantizer.codes_to_vectors(codes_BhwK.to(self.logit_scale.device))
+            h, w = vecs_BhwD.shape[1:3]
+            tokens_BLC = self._post_quant(rearrange(vecs_BhwD, "b h w d -> b (h w) d"))
+            return self.decoder(tokens_BLC, (h, w)).float().clamp(-1, 1)
 
-    def reconstruct(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, img_B3HW: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """``decode(encode(img))``: images ``[B,3,H,W]`` -> reconstructions ``[B,3,H,W]`` in [-1,1]."""
-        return self.decode(self.encode(img_B3HW))
+        return self.decode(self.encode(img_B3HW), grad=grad)
 
-    def encode_image(self, img_B3HW: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def encode_image(
+        self, img_B3HW: torch.Tensor, normalize: bool = True, *, grad: bool = False
+    ) -> torch.Tensor:
         """CLIP image embedding ``[B,E]`` of the quantized tokens (the discrete path, as for zero-shot)."""
         codes_BhwK = self.encode(img_B3HW)
-        vecs_BLD = rearrange(self.quantizer.codes_to_vectors(codes_BhwK), "b h w d -> b (h w) d")
-        return self._clip_image_features(self._post_quant(vecs_BLD), normalize)
+        with torch.set_grad_enabled(grad):
+            vecs_BLD = rearrange(self.quantizer.codes_to_vectors(codes_BhwK), "b h w d -> b (h w) d")
+            return self._clip_image_features(self._post_quant(vecs_BLD), normalize)
 
-    def encode_text(self, texts: TextInput, normalize: bool = True) -> torch.Tensor:
+    def encode_text(self, texts: TextInput, normalize: bool = True, *, grad: bool = False) -> torch.Tensor:
         """CLIP text embedding ``[B,E]`` of a list of strings or of open_clip ids ``LongTensor [B,T]``."""
+        with torch.set_grad_enabled(grad):
+            return self._text_features(texts, normalize)
+
+    def _text_features(self, texts: TextInput, normalize: bool) -> torch.Tensor:
         features_BE = self.text_encoder(self._text_ids(texts))
         return F.normalize(features_BE, dim=-1) if normalize else features_BE
 
@@ -262,7 +286,7 @@ class UniTok(nn.Module):
             usage=quant.usage,
             perplexity=quant.perplexity,
             image_features=self._clip_image_features(tokens_BLC, normalize=True),
-            text_features=None if texts is None else self.encode_text(texts, normalize=True),
+            text_features=None if texts is None else self._text_features(texts, normalize=True),
             logit_scale=self.logit_scale.clamp(0, LOGIT_SCALE_MAX).exp(),
         )
 

@@ -19,6 +19,9 @@ from unitok.data.transforms import to_rgb
 ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 _PATCH = 16
+# Pixels may overshoot [-1,1] a little after a bicubic or antialiased resize of a tensor; beyond this they
+# are in another range (0-255, or unnormalised), which the encoder would quantize to garbage without a sign.
+PIXEL_RANGE_TOLERANCE = 0.25
 
 
 def _as_pil(source: ImageLike) -> Image.Image:
@@ -81,12 +84,38 @@ def check_images(img: torch.Tensor, square: bool = False) -> None:
             f"expected images of shape [B,3,H,W] with H and W multiples of {_PATCH}, got {_fmt(shape)}"
         )
     if not img.is_floating_point():
-        raise ValueError(f"expected floating-point images in [-1,1], got dtype {img.dtype}")
+        hint = " (0-255 pixels: img.float() / 127.5 - 1)" if img.dtype == torch.uint8 else ""
+        raise ValueError(f"expected floating-point images in [-1,1], got dtype {img.dtype}{hint}")
     if square and shape[2] != shape[3]:
         raise ValueError(
             f"expected square images (H == W), got {_fmt(shape)}; the decoder assumes a square "
             f"code grid: resize or crop first (e.g. with unitok.tokenizer.preprocess.load_image)"
         )
+
+
+def check_pixel_values(img: torch.Tensor) -> None:
+    """Raise ValueError if ``img`` holds NaN/Inf or values outside [-1,1] by more than ``PIXEL_RANGE_TOLERANCE``.
+
+    One NaN pixel spreads through the attention of every position and zeroes the whole code grid, and
+    0-255 pixels quantize to garbage; both are refused with a message saying what was found.
+    """
+    finite = torch.isfinite(img)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"expected finite pixel values in [-1,1], got {bad} NaN/Inf value(s) in images of shape {_fmt(list(img.shape))}"
+        )
+    if img.numel() == 0:
+        return
+    low, high = (float(v) for v in torch.aminmax(img.detach()))
+    limit = 1.0 + PIXEL_RANGE_TOLERANCE
+    if low < -limit or high > limit:
+        hint = (
+            "; these look like 0-255 pixels: use img / 127.5 - 1 (or unitok.tokenizer.preprocess.load_image)"
+            if low >= 0 and high > 2
+            else ""
+        )
+        raise ValueError(f"expected pixel values in [-1,1], got values in [{low:.4g}, {high:.4g}]{hint}")
 
 
 def check_codes(codes: torch.Tensor, num_codebooks: int, codebook_size: int) -> None:
