@@ -1,17 +1,27 @@
 """Configuration of the unified multimodal LLM (saved as ``config.json`` inside every checkpoint).
 
-One table, ``MLLM_PRESETS``, names the model sizes: ``llama2-7b`` (the paper's setting) and ``tiny``
-(random-init CPU tests and the quick start).
+One table, ``MLLM_PRESETS``, names the model sizes: ``llama2-7b`` (the paper's setting with the per-position
+projector), ``unitok-mllm-7b`` (the released UniTok MLLM: causal attention merger, Llama-layer depth head,
+vicuna_v1 prompts, Llama vocabulary not extended) and ``tiny`` (random-init CPU tests and the quick start).
+One more table, ``SAMPLING_PRESETS``, names the released models' sampling settings.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
+LOSS_WEIGHTINGS = ("mean", "token_count")
+PROJECTORS = ("mlp", "causal_attn")
+DEPTH_HEADS = ("transformer", "llama")
+CONVERSATIONS = ("unitok", "vicuna_v1")
+IMAGE_RESIZES = ("crop", "pad")
+# The built-in word-level text tokenizer (no download): ``text_tokenizer="builtin:tiny"``.
+BUILTIN_TINY_TOKENIZER = "builtin:tiny"
 
 
 @dataclass
@@ -37,7 +47,32 @@ class MLLMConfig:
         prompt_template: how one user turn is written; must contain ``{prompt}``. The answer (text, or
             ``<boi>`` + codes + ``<eoi>``) follows it directly.
         uncond_prompt: the user text of the unconditional prompt used for classifier-free guidance.
-        code_loss_weight: lambda in ``loss = text CE + lambda * code CE`` (each a mean over its targets).
+        code_loss_weight: lambda on the code loss (see ``loss_weighting``).
+        loss_weighting: how the text and code losses combine. ``"mean"``: ``text CE + lambda * code loss``, each a
+            mean over its own targets. ``"token_count"`` (the released model's training): the two means weighted by
+            their target counts, ``(n_text * text CE + lambda * n_code * code loss) / (n_text + n_code)``, where
+            ``n_code`` counts every sub-code (K per visual position) and ``n_text`` the supervised text tokens.
+        z_loss_weight: weight of the z-loss on the depth head's logits, ``mean over sub-codes of max_logit^2``,
+            added to the code loss (the released model trains with 5e-5; 0 = off).
+        projector: the visual input merger. ``"mlp"``: a per-position MLP on the K concatenated code vectors.
+            ``"causal_attn"``: the released merger, the MLLM's own copy of the K codebooks, an attention projection
+            (UniTok's ``post_quant_proj`` layout, causal over the positions of one image, with its own KV cache
+            when generating) to ``projector_attn_width``, then LayerNorm -> Linear -> GELU -> Linear.
+        projector_attn_width, projector_attn_heads: width and heads of the ``causal_attn`` attention projection.
+        depth_head: ``"transformer"``: a small transformer of its own width (``depth_*``). ``"llama"``: the released
+            head, ``depth_layers`` Llama decoder layers built from the LLM's own config, an RMSNorm, one output layer
+            (with bias) shared by all K sub-codes, and K-1 code embeddings of the LLM width.
+        conversation: prompt layout. ``"unitok"``: ``system_prompt`` + ``prompt_template`` turns, each image bracketed
+            by ``<boi>``/``<eoi>``. ``"vicuna_v1"``: the released model's ``"<system> USER: <image>\n<q> ASSISTANT:"``
+            with answers closed by ``</s>``, images with no markers around them, and text-to-image prompts without a
+            template (``[bos] prompt + t2i_suffix <boi>``; the unconditional row is ``uncond_prompt + <boi>``).
+        t2i_suffix: text appended to every text-to-image prompt (the release: " Generate an image based on this
+            description.").
+        extend_vocab: add ``<boi>``/``<eoi>``/``<image>`` to the text vocabulary (and resize the LLM). ``False``: the
+            released layout, where boi/eoi are existing tokens (Llama's byte tokens ``<0x00>``/``<0x01>``) and
+            ``<image>`` is only a placeholder in prompt text.
+        image_resize: how an input image becomes square: ``"crop"`` (short side resized, centre crop) or ``"pad"``
+            (the release: padded to a square with grey, LLaVA's ``expand2square``, then resized).
         cfg_dropout: fraction of text->image training samples whose prompt is replaced by ``uncond_prompt``.
         max_length: longest training sequence in tokens (visual positions included).
         lora_r: LoRA rank; 0 trains the LLM fully. With LoRA the projector, the depth head and the rows of the
@@ -62,6 +97,16 @@ class MLLMConfig:
     prompt_template: str = "USER: {prompt} ASSISTANT:"
     uncond_prompt: str = ""
     code_loss_weight: float = 1.0
+    loss_weighting: str = "mean"
+    z_loss_weight: float = 0.0
+    projector: str = "mlp"
+    projector_attn_width: int = 1024
+    projector_attn_heads: int = 16
+    depth_head: str = "transformer"
+    conversation: str = "unitok"
+    t2i_suffix: str = ""
+    extend_vocab: bool = True
+    image_resize: str = "crop"
     cfg_dropout: float = 0.1
     max_length: int = 2048
     lora_r: int = 0
@@ -111,6 +156,30 @@ class MLLMConfig:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if self.code_loss_weight < 0:
             raise ValueError(f"code_loss_weight must be >= 0, got {self.code_loss_weight}")
+        choices = (
+            ("loss_weighting", LOSS_WEIGHTINGS),
+            ("projector", PROJECTORS),
+            ("depth_head", DEPTH_HEADS),
+            ("conversation", CONVERSATIONS),
+            ("image_resize", IMAGE_RESIZES),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
+            raise ValueError(f"z_loss_weight must be a finite number >= 0, got {self.z_loss_weight}")
+        if not math.isfinite(self.code_loss_weight):
+            raise ValueError(f"code_loss_weight must be finite, got {self.code_loss_weight}")
+        if self.projector_attn_width < 1 or self.projector_attn_heads < 1:
+            raise ValueError(
+                f"projector_attn_width and projector_attn_heads must be >= 1, got "
+                f"{self.projector_attn_width}, {self.projector_attn_heads}"
+            )
+        if self.projector_attn_width % self.projector_attn_heads:
+            raise ValueError(
+                f"projector_attn_width ({self.projector_attn_width}) must be a multiple of "
+                f"projector_attn_heads ({self.projector_attn_heads})"
+            )
         if self.lora_r < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(
                 f"expected lora_r >= 0, lora_alpha > 0, 0 <= lora_dropout < 1, got "
@@ -150,6 +219,21 @@ class MLLMConfig:
 # Llama-2-7B: hidden 4096, 32 layers, 32 heads, FFN 11008, vocab 32000. The depth head works at width 1024
 # behind a 4096 -> 1024 input projection: 4 layers, ~0.12B parameters (vs ~0.74B for the reference head
 # of three full-width Llama layers); see BENCHMARKS.md for the exact counts.
+LLAMA2_7B: dict[str, Any] = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
 MLLM_PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": {
         "llm": "meta-llama/Llama-2-7b-hf",
@@ -158,6 +242,33 @@ MLLM_PRESETS: dict[str, dict[str, Any]] = {
         "depth_layers": 4,
         "depth_heads": 16,
         "depth_width": 1024,
+        "lora_r": 0,
+    },
+    # The released UniTok MLLM (Llama-2-7B inside): weights from its Hugging Face folder with
+    # ``UniTokMLLM.from_pretrained(folder, unitok=...)``; this preset names the architecture and the prompt formats.
+    "unitok-mllm-7b": {
+        "llm": {**LLAMA2_7B},
+        "unitok": "unitok_tokenizer.pth",
+        "text_tokenizer": "meta-llama/Llama-2-7b-hf",
+        "llm_dtype": "bfloat16",
+        "projector": "causal_attn",
+        "projector_attn_width": 1024,
+        "projector_attn_heads": 16,
+        "depth_head": "llama",
+        "depth_layers": 3,
+        "boi_token": "<0x00>",
+        "eoi_token": "<0x01>",
+        "extend_vocab": False,
+        "conversation": "vicuna_v1",
+        "system_prompt": VICUNA_SYSTEM,
+        "prompt_template": "USER: {prompt} ASSISTANT:",
+        "t2i_suffix": " Generate an image based on this description.",
+        "uncond_prompt": "<unconditional>",
+        "image_resize": "pad",
+        "loss_weighting": "token_count",
+        "z_loss_weight": 5e-5,
+        "cfg_dropout": 0.1,
+        "max_length": 2048,
         "lora_r": 0,
     },
     "tiny": {
@@ -170,11 +281,22 @@ MLLM_PRESETS: dict[str, dict[str, Any]] = {
             "max_position_embeddings": 2048,
         },
         "unitok_preset": "unitok-tiny",
-        "text_tokenizer": "text_tokenizer",
+        "text_tokenizer": BUILTIN_TINY_TOKENIZER,
         "depth_layers": 2,
         "depth_heads": 4,
         "depth_width": 64,
         "max_length": 1024,
         "lora_r": 0,
     },
+}
+
+
+# Sampling settings of the released model's scripts, by name: ``model.generate_images(p, **SAMPLING_PRESETS[name])``.
+SAMPLING_PRESETS: dict[str, dict[str, float | int]] = {
+    # The text-to-image script's argument defaults.
+    "release-default": {"cfg_scale": 5.0, "temperature": 0.9, "top_k": 2048, "top_p": 0.96},
+    # The released GenAI-Bench / MJHQ generation scripts.
+    "release-genai": {"cfg_scale": 7.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+    # Understanding (VQA) is greedy.
+    "release-vqa": {"temperature": 0.0, "top_p": 1.0},
 }

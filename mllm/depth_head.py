@@ -160,3 +160,120 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
+
+
+class LlamaDepthHead(nn.Module):
+    """The released depth ("AR") head: Llama decoder layers of the LLM's own config over the K sub-codes.
+
+    For one position the input sequence is ``[h, E_0(c_0), ..., E_{K-2}(c_{K-2})]`` (``h`` the LLM's final hidden
+    state, unprojected), run through ``layers`` with RoPE positions 0..K-1 and causal attention, then ``norm`` and
+    the one ``linear_head`` (with bias) shared by all sub-codes: output k predicts sub-code k. Submodule names are
+    the released ``ar_head.*`` key names (``layers.N``, ``norm``, ``linear_head``, ``codebooks.N``).
+
+    Args:
+        llm_config: the LLM's ``LlamaConfig`` (width, heads, FFN, RoPE, RMSNorm eps).
+        num_codebooks: K.
+        codebook_size: V entries per sub-codebook (every sub-codebook has the same V, so one classifier serves all).
+        layers: number of decoder layers (the release: 3).
+    """
+
+    def __init__(self, llm_config, num_codebooks: int, codebook_size: int, layers: int = 3) -> None:
+        super().__init__()
+        from transformers.models.llama.modeling_llama import (
+            LlamaDecoderLayer,
+            LlamaRMSNorm,
+            LlamaRotaryEmbedding,
+        )
+
+        hidden = llm_config.hidden_size
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+        self.layers = nn.ModuleList(LlamaDecoderLayer(llm_config, layer_idx=i) for i in range(layers))
+        self.norm = LlamaRMSNorm(hidden, eps=llm_config.rms_norm_eps)
+        self.linear_head = nn.Linear(hidden, codebook_size)
+        self.codebooks = nn.ModuleList(nn.Embedding(codebook_size, hidden) for _ in range(num_codebooks - 1))
+        self.rotary_emb = LlamaRotaryEmbedding(config=llm_config)
+        std = getattr(llm_config, "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.linear_head.weight.dtype
+
+    def _step_input(self, step: int, hidden_NH: torch.Tensor, codes_NK: torch.Tensor | None) -> torch.Tensor:
+        if step == 0:
+            return hidden_NH.to(self.dtype)
+        return self.codebooks[step - 1](codes_NK[:, step - 1])
+
+    def _run(self, x_NTH: torch.Tensor, start: int, cache) -> torch.Tensor:
+        """Run the layers on steps ``start .. start+T-1`` (``cache``: a transformers Cache of earlier steps, or None)."""
+        t = x_NTH.shape[1]
+        positions = torch.arange(start, start + t, device=x_NTH.device)[None].expand(x_NTH.shape[0], -1)
+        cos_sin = self.rotary_emb(x_NTH, positions)
+        mask = None
+        if t > 1:
+            # An additive causal mask works with every attention implementation (eager and SDPA).
+            allowed = torch.ones(t, start + t, dtype=torch.bool, device=x_NTH.device).tril(diagonal=start)
+            mask = torch.zeros(allowed.shape, dtype=x_NTH.dtype, device=x_NTH.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(x_NTH.dtype).min)[None, None]
+        for layer in self.layers:
+            out = layer(
+                x_NTH,
+                attention_mask=mask,
+                position_ids=positions,
+                position_embeddings=cos_sin,
+                use_cache=cache is not None,
+                **{_LAYER_CACHE_KWARG: cache},
+            )
+            x_NTH = out[0] if isinstance(out, tuple) else out
+        return self.norm(x_NTH)
+
+    def forward(self, hidden_NH: torch.Tensor, codes_NK: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits ``[N,K,V]``: output k predicts ``codes_NK[:, k]`` from the codes before it."""
+        if codes_NK.shape != (hidden_NH.shape[0], self.num_codebooks):
+            raise ValueError(
+                f"expected codes [N={hidden_NH.shape[0]}, K={self.num_codebooks}], got {list(codes_NK.shape)}"
+            )
+        x = torch.stack([self._step_input(k, hidden_NH, codes_NK) for k in range(self.num_codebooks)], dim=1)
+        return self.linear_head(self._run(x, 0, None))
+
+    def sample(
+        self,
+        hidden_NH: torch.Tensor,
+        pick: Callable[[int, torch.Tensor], torch.Tensor],
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Choose the K sub-codes of N positions one after the other (see :meth:`DepthHead.sample`)."""
+        from transformers import DynamicCache
+
+        codes = torch.zeros(hidden_NH.shape[0], self.num_codebooks, dtype=torch.long, device=hidden_NH.device)
+        inputs: list[torch.Tensor] = []
+        cache = DynamicCache() if use_cache else None
+        for k in range(self.num_codebooks):
+            inputs.append(self._step_input(k, hidden_NH, codes)[:, None])
+            if use_cache:
+                out = self._run(inputs[-1], k, cache)
+            else:
+                out = self._run(torch.cat(inputs, dim=1), 0, None)
+            codes[:, k] = pick(k, self.linear_head(out[:, -1]))
+        return codes
+
+
+def _layer_cache_kwarg() -> str:
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    params = inspect.signature(LlamaDecoderLayer.forward).parameters
+    # transformers 5 names it ``cache``; 4.x ``past_key_value``.
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "past_key_value"
+
+
+_LAYER_CACHE_KWARG = _layer_cache_kwarg()

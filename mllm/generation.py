@@ -7,21 +7,27 @@ Image generation runs the LLM with its KV cache: one prefill of the prompts (eac
 one step per visual position that feeds the projected embedding of the position just sampled. The depth head
 picks that position's K sub-codes; with guidance each sub-code's logits are ``u + s * (c - u)`` and the code
 sampled from them is fed to both the conditional and the unconditional row. ``use_cache=False`` recomputes the
-whole prefix at every position instead (the reference the cached path is tested and benchmarked against).
+whole prefix at every position instead (the reference the cached path is tested and benchmarked against); with
+the causal attention merger that includes re-embedding the whole image so far, while the cached path keeps the
+merger's own keys/values (:class:`~unitok.mllm.projector.MergerCache`), so both give the same codes.
+
+Text answers (:func:`chat`, :func:`chat_stream`, :func:`answer`) run ``transformers``' ``generate`` on the input
+embeddings of the prompt built by :meth:`~unitok.mllm.sequence.SequenceBuilder.chat_prompt`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from einops import rearrange
 
-from unitok.mllm.sequence import pad_sequences
+from unitok.mllm.sequence import TokenSequence, check_messages, pad_sequences
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -39,14 +45,20 @@ class GeneratedImages:
     images: list[Image] | None
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ``ValueError`` for sampling settings outside their ranges."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, cfg_scale: float | None = None) -> None:
+    """Raise ``ValueError`` for sampling settings outside their ranges (NaN, Inf, wrong types included)."""
+    if not _is_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if cfg_scale is not None and (not _is_number(cfg_scale) or cfg_scale < 0):
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale!r}")
 
 
 def sample_logits(
@@ -100,6 +112,8 @@ def generate_image_codes(
     use_cache: bool = True,
     depth_cache: bool = True,
     guide_always: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    reference_merger_cache: bool = False,
 ) -> torch.Tensor:
     """Sample the code grids of ``prompts`` (see the module docstring).
 
@@ -111,31 +125,45 @@ def generate_image_codes(
             unless ``guide_always``, which exists to check that s=1 with guidance equals no guidance).
         temperature, top_k, top_p: sampling of each sub-code (temperature 0 = greedy).
         generator: random generator for the draws (None = torch's global one).
-        use_cache: LLM KV cache (False recomputes the whole prefix at every position).
+        use_cache: LLM KV cache and merger cache (False recomputes the whole prefix at every position).
         depth_cache: depth-head KV cache (False recomputes its short prefix at every sub-code).
+        progress: called as ``progress(done, L)`` after each generated position.
+        reference_merger_cache: with the causal merger and ``use_cache``, embed each new position alone, as the
+            reference code's cached path does (its published samples were made so); the merger then sees a
+            different context than in training. Off by default.
 
     Returns:
         codes LongTensor [B,h,w,K] on the model's device.
     """
-    if not prompts:
-        raise ValueError("expected at least one prompt, got none")
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-    check_sampling(temperature, top_k, top_p)
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError(f"expected a non-empty list of prompts, got {prompts!r}")
+    check_sampling(temperature, top_k, top_p, cfg_scale)
     h, w = grid
     if h < 1 or w < 1:
         raise ValueError(f"expected a code grid of at least 1x1, got {grid}")
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress must be a callable (done, total) -> None, got {type(progress).__name__}")
     builder, device, b = model.builder, model.device, len(prompts)
     guided = cfg_scale != 1.0 or guide_always
     seqs = [builder.generation_prompt(p) for p in prompts]
     if guided:
         seqs += [builder.generation_prompt("", uncond=True)] * b
-    batch = pad_sequences(seqs, builder.ids.pad, side="left").to(device)
-    embeds = model.embed(batch.input_ids, batch.visual_mask, batch.codes)
+    batch = pad_sequences(seqs, builder.ids.pad, side="left")
+    total = h * w
+    limit = model.context_length
+    if limit is not None and batch.input_ids.shape[1] + total > limit:
+        raise ValueError(
+            f"a {h}x{w} code grid ({total} positions) after a prompt of {batch.input_ids.shape[1]} tokens needs "
+            f"{batch.input_ids.shape[1] + total} positions, more than the LLM's context of {limit}; "
+            "use a smaller image_size or a shorter prompt"
+        )
+    batch = batch.to(device)
+    prompt_embeds = model.embed(batch.input_ids, batch.visual_mask, batch.codes)
     mask = batch.attention_mask
     positions = _positions(mask)
     cache = model.new_cache() if use_cache else None
-    hidden_RH = model.decode_hidden(embeds, mask, positions, cache)[:, -1]
+    state = model.new_image_state()
+    hidden_RH = model.decode_hidden(prompt_embeds, mask, positions, cache)[:, -1]
 
     def pick(_: int, logits_RV: torch.Tensor) -> torch.Tensor:
         if guided:
@@ -144,26 +172,32 @@ def generate_image_codes(
             return torch.cat([code, code])
         return sample_logits(logits_RV, temperature, top_k, top_p, generator)
 
-    out = []
-    for i in range(h * w):
+    out: list[torch.Tensor] = []
+    for i in range(total):
         codes_RK = model.depth_head.sample(hidden_RH, pick, use_cache=depth_cache)
-        out.append(codes_RK[:b])
-        if i == h * w - 1:
+        out.append(codes_RK)
+        if progress is not None:
+            progress(i + 1, total)
+        if i == total - 1:
             break
-        step = model.embed_codes(codes_RK)[:, None].to(embeds.dtype)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if use_cache:
-            hidden_RH = model.decode_hidden(step, mask, positions[:, -1:], cache)[:, -1]
+            step = model.embed_next(codes_RK[:, None], state, reference_merger_cache)
+            hidden_RH = model.decode_hidden(step.to(prompt_embeds.dtype), mask, positions[:, -1:], cache)[
+                :, -1
+            ]
         else:
-            embeds = torch.cat([embeds, step], dim=1)
+            image = model.embed_image(torch.stack(out, dim=1)).to(prompt_embeds.dtype)
+            embeds = torch.cat([prompt_embeds, image], dim=1)
             hidden_RH = model.decode_hidden(embeds, mask, positions)[:, -1]
-    return rearrange(torch.stack(out, dim=1), "b (h w) k -> b h w k", h=h, w=w)
+    codes = torch.stack(out, dim=1)[:b]
+    return rearrange(codes, "b (h w) k -> b h w k", h=h, w=w)
 
 
 def generate_images(
     model: UniTokMLLM,
-    prompts: Sequence[str],
+    prompts: str | Sequence[str],
     cfg_scale: float = 1.0,
     temperature: float = 1.0,
     top_k: int = 0,
@@ -172,14 +206,20 @@ def generate_images(
     image_size: int | None = None,
     decode: bool = True,
     use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    reference_merger_cache: bool = False,
 ) -> GeneratedImages:
     """Text -> image: sample code grids and decode them with the UniTok.
 
     ``image_size`` (pixels, a multiple of the UniTok's downsampling factor; default the UniTok's) sets the grid;
-    ``seed`` makes the draws reproducible. See :func:`generate_image_codes` for the other arguments.
+    ``seed`` makes the draws reproducible; ``progress(done, total)`` is called after each generated position.
+    See :func:`generate_image_codes` for the other arguments. Every argument is checked before any work.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    check_sampling(temperature, top_k, top_p, cfg_scale)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
     grid = model.grid(image_size)
     was_training = model.training
     model.eval()
@@ -195,6 +235,8 @@ def generate_images(
             generator=_make_generator(seed, model.device),
             use_cache=use_cache,
             depth_cache=use_cache,
+            progress=progress,
+            reference_merger_cache=reference_merger_cache,
         )
         images = model.decode_codes(codes) if decode else None
     finally:
@@ -202,21 +244,124 @@ def generate_images(
     return GeneratedImages(codes=codes, images=images)
 
 
-def _codes_per_sample(model: UniTokMLLM, images_or_codes: Any, n: int) -> list[torch.Tensor | None]:
-    """Normalise the visual input of :func:`answer` to one code grid [h,w,K] (or None) per question."""
-    if images_or_codes is None:
-        return [None] * n
-    if isinstance(images_or_codes, torch.Tensor):
-        items: list[Any] = list(images_or_codes) if images_or_codes.ndim == 4 else [images_or_codes]
-    elif isinstance(images_or_codes, (list, tuple)):
-        items = list(images_or_codes)
-    else:
-        items = [images_or_codes]
-    if len(items) != n:
+def _as_image_list(images: Any) -> list[Any]:
+    """None, one image / code grid, a batched tensor, or a list -> a list of single images / code grids."""
+    if images is None:
+        return []
+    if isinstance(images, torch.Tensor):
+        return list(images) if images.ndim == 4 and images.shape[0] > 1 else [images]
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def chat_sequence(model: UniTokMLLM, messages: Sequence[dict[str, str]], images: Any = None) -> TokenSequence:
+    """The prompt of a conversation with its images placed (see :meth:`UniTokMLLM.chat`)."""
+    turns = check_messages(messages)
+    items = _as_image_list(images)
+    placeholder = model.config.image_token
+    found = sum(user.count(placeholder) for user, _ in turns)
+    messages = [dict(m) for m in messages]
+    if items and found == 0:
+        messages[0]["content"] = placeholder * len(items) + "\n" + messages[0]["content"]
+    elif found != len(items):
         raise ValueError(
-            f"expected one image (or code grid) per question: got {len(items)} for {n} question(s)"
+            f"the user turns hold {found} {placeholder} placeholder(s) but {len(items)} image(s) were given; "
+            f"write one {placeholder} per image, or none to put the images before the first user turn"
         )
-    return [None if item is None else model.to_codes(item) for item in items]
+    codes = [model.to_codes(item) for item in items]
+    return model.builder.chat_prompt(messages, codes)
+
+
+def _generate_kwargs(
+    model: UniTokMLLM,
+    seqs: list[TokenSequence],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    use_cache: bool,
+) -> dict[str, Any]:
+    batch = pad_sequences(seqs, model.builder.ids.pad, side="left").to(model.device)
+    limit = model.context_length
+    if limit is not None and batch.input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {batch.input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the LLM's "
+            f"context of {limit} positions"
+        )
+    with torch.no_grad():
+        embeds = model.embed(batch.input_ids, batch.visual_mask, batch.codes)
+    kwargs: dict[str, Any] = {
+        "inputs_embeds": embeds,
+        "attention_mask": batch.attention_mask,
+        "max_new_tokens": max_new_tokens,
+        "pad_token_id": model.builder.ids.pad,
+        "eos_token_id": model.builder.ids.eos,
+        "use_cache": use_cache,
+        "do_sample": temperature > 0,
+    }
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    return kwargs
+
+
+def _check_text_options(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_sampling(temperature, 0, top_p)
+
+
+def _decode(model: UniTokMLLM, out: torch.Tensor) -> list[str]:
+    # With inputs_embeds only, generate returns just the new tokens.
+    return [text.strip() for text in model.text_tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def chat(
+    model: UniTokMLLM,
+    messages: Sequence[dict[str, str]],
+    images: Any = None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer: Any = None,
+) -> str:
+    """See :meth:`UniTokMLLM.chat`."""
+    _check_text_options(max_new_tokens, temperature, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = chat_sequence(model, messages, images)
+        kwargs = _generate_kwargs(model, [seq], max_new_tokens, temperature, top_p, use_cache=True)
+        if streamer is not None:
+            kwargs["streamer"] = streamer
+        with torch.no_grad():
+            out = model.llm.generate(**kwargs)
+    finally:
+        model.train(was_training)
+    return _decode(model, out)[0]
+
+
+def chat_stream(
+    model: UniTokMLLM,
+    messages: Sequence[dict[str, str]],
+    images: Any = None,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    streamer: Any = None,
+) -> Iterator[str]:
+    """See :meth:`UniTokMLLM.chat_stream`. Every input is checked before the first piece is yielded."""
+    _check_text_options(max_new_tokens, temperature, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = chat_sequence(model, messages, images)
+        kwargs = _generate_kwargs(model, [seq], max_new_tokens, temperature, top_p, use_cache=True)
+    except BaseException:
+        model.train(was_training)
+        raise
+    return _stream(model, kwargs, was_training, extra=streamer)
 
 
 def answer(
@@ -229,12 +374,13 @@ def answer(
     top_p: float = 1.0,
     use_cache: bool = True,
 ) -> list[str] | Iterator[str]:
-    """Image(s) + question -> answer text through ``transformers``' ``generate`` on input embeddings.
+    """Image(s) + question -> answer text: one-turn :func:`chat` per question, run as one batch.
 
     Args:
         model: the MLLM.
-        images_or_codes: per question one of: a PIL image, an image tensor [3,H,W] in [-1,1], a code grid
-            [h,w,K], or None (text only); also a batched tensor [B,3,H,W] / [B,h,w,K]; or None for all.
+        images_or_codes: per question one of: a PIL image, a path, an image tensor [3,H,W] / [1,3,H,W] in
+            [-1,1], a code grid [h,w,K], or None (text only); also a batched tensor [B,3,H,W] / [B,h,w,K]; or
+            None for all.
         questions: one question or a list; ``<image>`` marks where the image goes (prepended when missing).
         max_new_tokens: answer length limit in tokens.
         stream: yield the answer text piece by piece (one question only) instead of returning it.
@@ -248,37 +394,22 @@ def answer(
         questions = [questions]
     if not questions:
         raise ValueError("expected at least one question, got none")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check_sampling(temperature, 0, top_p)
+    _check_text_options(max_new_tokens, temperature, top_p)
     if stream and len(questions) != 1:
         raise ValueError(f"stream=True answers one question at a time, got {len(questions)}")
-    codes = _codes_per_sample(model, images_or_codes, len(questions))
+    items = _per_question(images_or_codes, len(questions))
     placeholder = model.config.image_token
-    seqs = []
-    for question, grid in zip(questions, codes):
-        if not question.replace(placeholder, "").strip():
+    for question in questions:
+        if not isinstance(question, str) or not question.replace(placeholder, "").strip():
             raise ValueError(f"expected a non-empty question, got {question!r}")
-        if grid is not None and placeholder not in question:
-            question = f"{placeholder}\n{question}"
-        seqs.append(model.builder.understanding_prompt(question, [] if grid is None else [grid]))
-    batch = pad_sequences(seqs, model.builder.ids.pad, side="left").to(model.device)
+    seqs = [
+        chat_sequence(model, [{"role": "user", "content": q}], None if item is None else [item])
+        for q, item in zip(questions, items)
+    ]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            embeds = model.embed(batch.input_ids, batch.visual_mask, batch.codes)
-        kwargs: dict[str, Any] = {
-            "inputs_embeds": embeds,
-            "attention_mask": batch.attention_mask,
-            "max_new_tokens": max_new_tokens,
-            "pad_token_id": model.builder.ids.pad,
-            "eos_token_id": model.builder.ids.eos,
-            "use_cache": use_cache,
-            "do_sample": temperature > 0,
-        }
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        kwargs = _generate_kwargs(model, seqs, max_new_tokens, temperature, top_p, use_cache)
         if stream:
             return _stream(model, kwargs, was_training)
         with torch.no_grad():
@@ -286,11 +417,44 @@ def answer(
     finally:
         if not stream:
             model.train(was_training)
-    # With inputs_embeds only, generate returns just the new tokens.
-    return [text.strip() for text in model.text_tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return _decode(model, out)
 
 
-def _stream(model: UniTokMLLM, kwargs: dict[str, Any], was_training: bool) -> Iterator[str]:
+def _per_question(images_or_codes: Any, n: int) -> list[Any]:
+    """The visual input of :func:`answer` as one item (image, code grid or None) per question."""
+    if images_or_codes is None:
+        return [None] * n
+    if isinstance(images_or_codes, torch.Tensor):
+        items: list[Any] = list(images_or_codes) if images_or_codes.ndim == 4 else [images_or_codes]
+    elif isinstance(images_or_codes, (list, tuple)):
+        items = list(images_or_codes)
+    else:
+        items = [images_or_codes]
+    if len(items) != n:
+        raise ValueError(
+            f"expected one image (or code grid) per question: got {len(items)} for {n} question(s)"
+        )
+    return items
+
+
+class _TeeStreamer:
+    """Forwards the tokens ``generate`` produces to several streamers."""
+
+    def __init__(self, *streamers: Any) -> None:
+        self.streamers = streamers
+
+    def put(self, value: torch.Tensor) -> None:
+        for streamer in self.streamers:
+            streamer.put(value)
+
+    def end(self) -> None:
+        for streamer in self.streamers:
+            streamer.end()
+
+
+def _stream(
+    model: UniTokMLLM, kwargs: dict[str, Any], was_training: bool, extra: Any = None
+) -> Iterator[str]:
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(model.text_tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -299,17 +463,22 @@ def _stream(model: UniTokMLLM, kwargs: dict[str, Any], was_training: bool) -> It
     def run() -> None:
         try:
             with torch.no_grad():
-                model.llm.generate(**kwargs, streamer=streamer)
+                model.llm.generate(
+                    **kwargs, streamer=streamer if extra is None else _TeeStreamer(streamer, extra)
+                )
         except BaseException as err:  # re-raised in the consumer's thread
             errors.append(err)
             streamer.end()
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield from streamer
-    finally:
-        thread.join()
-        model.train(was_training)
-    if errors:
-        raise errors[0]
+    def pieces() -> Iterator[str]:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            thread.join()
+            model.train(was_training)
+        if errors:
+            raise errors[0]
+
+    return pieces()

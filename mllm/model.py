@@ -3,10 +3,14 @@
 Shape legend: B batch, T sequence length, N visual positions (flattened over the batch), K sub-codebooks,
 V entries per sub-codebook, D UniTok latent width, H LLM hidden size, h/w code grid.
 
-- Input: each visual position's K codes -> frozen UniTok code vectors, concatenated [D] -> projector -> [H].
-- Output: text positions -> the LLM's LM head; visual positions -> the depth head, conditioned on the LLM's
-  final hidden state at the position before.
-- ``loss = text CE + code_loss_weight * code CE`` (each a mean over its targets; both reported).
+- Input: each visual position's K codes -> frozen UniTok code vectors, concatenated [D] -> projector -> [H]
+  (``projector="mlp"``: per position; ``"causal_attn"``: the released merger, causal over an image's positions).
+- Output: text positions -> the LLM's LM head; visual positions -> the depth head (``depth_head="transformer"``
+  or the released ``"llama"`` head), conditioned on the LLM's final hidden state at the position before.
+- ``loss``: text CE and code CE (+ optional z-loss) combined as ``MLLMConfig.loss_weighting`` says; all reported.
+
+The released UniTok MLLM (a Hugging Face folder, ``model_type: mini_gemini``) loads with :meth:`from_pretrained`
+and is written back by :meth:`UniTokMLLM.export_release` (see :mod:`unitok.mllm.release`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +40,9 @@ from transformers import (
 )
 
 from unitok.mllm.config import MLLMConfig
-from unitok.mllm.depth_head import DepthHead
-from unitok.mllm.generation import GeneratedImages, answer, generate_images
-from unitok.mllm.projector import VisualProjector
+from unitok.mllm.depth_head import DepthHead, LlamaDepthHead
+from unitok.mllm.generation import GeneratedImages, answer, chat, chat_stream, generate_images
+from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
 
@@ -60,6 +64,8 @@ class MLLMOutput:
     code_loss: torch.Tensor
     num_text_targets: int
     num_code_targets: int
+    z_loss: torch.Tensor | None = None
+    """``mean(max_logit^2)`` over the sub-code logits (reported always; weighted in only with ``z_loss_weight``)."""
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:
@@ -72,6 +78,35 @@ def _resolve(path: str, base_dir: Path | None) -> str:
 def _dtype_kwargs(dtype: str) -> dict[str, torch.dtype]:
     name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     return {name: getattr(torch, dtype)}
+
+
+def resolve_checkpoint(
+    path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """A local checkpoint directory: ``path`` itself if it is one, else the Hub snapshot of the repo id ``path``.
+
+    ``huggingface_hub.snapshot_download`` honours ``HF_HUB_OFFLINE`` (then only the local cache is used).
+    """
+    local = Path(path)
+    if local.is_dir():
+        return local
+    text = str(path)
+    parts = text.split("/")
+    if local.exists() or len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+        raise ValueError(f"{text} is neither a checkpoint directory nor a Hugging Face Hub id ('owner/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id=text, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except (LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+        raise ValueError(
+            f"{text} is not a local checkpoint directory and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    return Path(folder)
 
 
 def load_unitok(config: MLLMConfig, base_dir: Path | None = None) -> nn.Module:
@@ -137,7 +172,9 @@ class UniTokMLLM(nn.Module):
         super().__init__()
         self.config = config
         self.text_tokenizer = text_tokenizer
-        special = add_image_tokens(text_tokenizer, config.boi_token, config.eoi_token, config.image_token)
+        special = add_image_tokens(
+            text_tokenizer, config.boi_token, config.eoi_token, config.image_token, config.extend_vocab
+        )
         rows = _embedding(llm).num_embeddings
         if rows != len(text_tokenizer):
             if _is_peft(llm):
@@ -150,16 +187,22 @@ class UniTokMLLM(nn.Module):
         tok_cfg = unitok.config
         self.num_codebooks, self.codebook_size = tok_cfg.num_codebooks, tok_cfg.codebook_size
         hidden = _embedding(llm).embedding_dim
-        self.projector = VisualProjector(tok_cfg.vocab_width, hidden, config.projector_hidden)
-        self.depth_head = DepthHead(
-            hidden,
-            self.num_codebooks,
-            self.codebook_size,
-            width=config.depth_width,
-            layers=config.depth_layers,
-            heads=config.depth_heads,
-            mlp_ratio=config.depth_mlp_ratio,
-        )
+        self.projector = self._build_projector(hidden)
+        if config.depth_head == "llama":
+            llm_config = (llm.get_base_model() if _is_peft(llm) else llm).config
+            self.depth_head = LlamaDepthHead(
+                llm_config, self.num_codebooks, self.codebook_size, layers=config.depth_layers
+            )
+        else:
+            self.depth_head = DepthHead(
+                hidden,
+                self.num_codebooks,
+                self.codebook_size,
+                width=config.depth_width,
+                layers=config.depth_layers,
+                heads=config.depth_heads,
+                mlp_ratio=config.depth_mlp_ratio,
+            )
         self.builder = SequenceBuilder(
             text_tokenizer, config, special, self.num_codebooks, self.codebook_size
         )
@@ -167,6 +210,38 @@ class UniTokMLLM(nn.Module):
         self._cache_kwarg = _cache_kwarg(self.llm.get_decoder())
 
     # ------------------------------------------------------------------ building and loading
+
+    def _build_projector(self, hidden: int) -> nn.Module:
+        """The input merger of ``config.projector``; the released one starts from the UniTok's own weights."""
+        tok_cfg = self.unitok.config
+        if self.config.projector == "mlp":
+            return VisualProjector(tok_cfg.vocab_width, hidden, self.config.projector_hidden)
+        if tok_cfg.vocab_width % self.num_codebooks or self.config.projector_attn_width < tok_cfg.vocab_width:
+            raise ValueError(
+                f"the causal attention merger needs a UniTok latent width ({tok_cfg.vocab_width}) divisible by "
+                f"K={self.num_codebooks} and projector_attn_width >= it, got {self.config.projector_attn_width}"
+            )
+        merger = CausalAttnMerger(
+            self.num_codebooks,
+            self.codebook_size,
+            tok_cfg.vocab_width // self.num_codebooks,
+            hidden,
+            attn_width=self.config.projector_attn_width,
+            attn_heads=self.config.projector_attn_heads,
+            hidden=self.config.projector_hidden,
+        )
+        if next(merger.parameters()).is_meta:
+            return merger  # weights come from a checkpoint
+        # The released merger is initialised from the UniTok: its codebooks and its post_quant_proj.
+        own = merger.quantizer.state_dict()
+        theirs = self.unitok.quantizer.state_dict()
+        if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own):
+            merger.quantizer.load_state_dict(theirs)
+        post = self.unitok.post_quant_proj.state_dict()
+        target = merger.attn_projection.state_dict()
+        if post.keys() == target.keys() and all(post[k].shape == target[k].shape for k in post):
+            merger.attn_projection.load_state_dict(post)
+        return merger
 
     @classmethod
     def from_config(
@@ -185,7 +260,9 @@ class UniTokMLLM(nn.Module):
         if text_tokenizer is None:
             name = config.text_tokenizer if config.text_tokenizer is not None else config.llm
             text_tokenizer = load_text_tokenizer(_resolve(name, base))
-        add_image_tokens(text_tokenizer, config.boi_token, config.eoi_token, config.image_token)
+        add_image_tokens(
+            text_tokenizer, config.boi_token, config.eoi_token, config.image_token, config.extend_vocab
+        )
         llm = load_llm(config, text_tokenizer, base)
         return cls(config, llm, text_tokenizer, load_unitok(config, base) if unitok is None else unitok)
 
@@ -217,9 +294,35 @@ class UniTokMLLM(nn.Module):
         return get_peft_model(llm, self._lora_config(llm))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, unitok: nn.Module | None = None) -> UniTokMLLM:
-        """Load a directory written by :meth:`save_pretrained` (weights loaded strictly)."""
-        path = Path(path)
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        unitok: nn.Module | str | Path | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        **release_kwargs: Any,
+    ) -> UniTokMLLM:
+        """Load a checkpoint directory or Hugging Face Hub id, strictly.
+
+        Two layouts are recognised: ours (written by :meth:`save_pretrained`) and the released UniTok MLLM's
+        Hugging Face folder (``model_type: mini_gemini``; see :func:`unitok.mllm.release.load_release`, which also
+        takes ``release_kwargs``). A ``path`` that is not a local directory is fetched from the Hub with
+        ``huggingface_hub.snapshot_download`` (``revision``, ``cache_dir``; ``HF_HUB_OFFLINE=1`` uses the cache
+        only). ``unitok`` (a UniTok, or the path of one) replaces the one the checkpoint names; the released
+        folder holds no UniTok, so it needs one for images (default: ``unitok_tokenizer.pth`` inside the folder).
+        """
+        path = resolve_checkpoint(path, revision=revision, cache_dir=cache_dir)
+        from unitok.mllm.release import is_release_folder, load_release
+
+        if is_release_folder(path):
+            return load_release(cls, path, unitok=unitok, **release_kwargs)
+        if release_kwargs:
+            raise ValueError(f"options {sorted(release_kwargs)} apply to the released layout only")
+        if isinstance(unitok, (str, Path)):
+            from unitok.tokenizer import UniTok
+
+            unitok = UniTok.from_pretrained(unitok)
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(
                 f"{path} is not an MLLM checkpoint: no {CONFIG_NAME} (expected save_pretrained output)"
@@ -256,8 +359,7 @@ class UniTokMLLM(nn.Module):
         Layout: ``config.json``; ``model.safetensors`` (projector + depth head); ``text_tokenizer/``;
         ``llm/`` (the full LLM; with LoRA only a base that cannot be fetched again: an inline random-init one
         or one loaded from inside a checkpoint); ``adapter/`` (LoRA adapter, incl. the rows of the new
-        tokens); ``unitok/`` when the UniTok was a random-init preset or came from inside a checkpoint
-        (otherwise ``config.unitok`` keeps referencing its checkpoint). Relative paths in ``config.json``
+        tokens); ``unitok/`` (always: the checkpoint is self-contained). Relative paths in ``config.json``
         resolve against the checkpoint directory first.
         """
         path = Path(path)
@@ -279,10 +381,10 @@ class UniTokMLLM(nn.Module):
                 config["llm"] = LLM_DIR
             self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
             config["text_tokenizer"] = TEXT_TOKENIZER_DIR
-            if self.config.unitok_preset is not None or self.config.unitok == UNITOK_DIR:
-                # A random-init UniTok, or one that lives inside the checkpoint it was loaded from.
-                self.unitok.save_pretrained(str(tmp / UNITOK_DIR))
-                config.update(unitok=UNITOK_DIR, unitok_preset=None)
+            # The UniTok always travels inside the checkpoint: a checkpoint never depends on the current
+            # directory or on a file next to it.
+            self.unitok.save_pretrained(str(tmp / UNITOK_DIR))
+            config.update(unitok=UNITOK_DIR, unitok_preset=None)
             tensors = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
             tensors.update({f"depth_head.{k}": v for k, v in self.depth_head.state_dict().items()})
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
@@ -291,6 +393,42 @@ class UniTokMLLM(nn.Module):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload UniTok MLLM",
+        release_layout: bool = False,
+    ) -> str:
+        """Save the checkpoint (ours, or the released layout with ``release_layout``) and upload it to the Hub.
+
+        Returns the URL of the commit. Uses ``huggingface_hub.HfApi`` (its login / ``HF_TOKEN`` unless ``token``).
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "checkpoint"
+            if release_layout:
+                self.export_release(folder)
+            else:
+                self.save_pretrained(folder)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+        return str(getattr(info, "commit_url", info))
+
+    def export_release(
+        self, path: str | Path, max_shard_size: int | str = "5GB", dtype: str | None = None
+    ) -> None:
+        """Write the released Hugging Face layout; see :func:`unitok.mllm.release.export_release`."""
+        from unitok.mllm.release import export_release
+
+        export_release(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
     def _save_base_llm(self, path: Path) -> None:
         base_config = self.llm.get_base_model().config
@@ -310,7 +448,32 @@ class UniTokMLLM(nn.Module):
     @property
     def device(self) -> torch.device:
         """Device of the trainable modules."""
-        return self.projector.fc1.weight.device
+        return next(self.projector.parameters()).device
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        """Dtype the projector computes in."""
+        return next(p for p in self.projector.parameters() if p.is_floating_point()).dtype
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> UniTokMLLM:
+        """``.to()`` / ``.cuda()`` / ``.bfloat16()``: the UniTok follows device moves but stays in its dtype.
+
+        UniTok encodes and decodes in float32 (its quantizer needs it), so casting the whole MLLM to bf16 casts
+        the LLM, projector and depth head only.
+        """
+        unitok = self._modules["unitok"]
+        self._modules["unitok"] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["unitok"] = unitok
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        unitok._apply(keep_dtype, recurse)
+        return self
 
     def train(self, mode: bool = True) -> UniTokMLLM:
         """Switch train/eval mode; the UniTok always stays in eval mode."""
@@ -326,9 +489,16 @@ class UniTokMLLM(nn.Module):
         """Recompute the LLM's layer activations in the backward pass (non-reentrant checkpointing)."""
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    @property
+    def context_length(self) -> int | None:
+        """The LLM's maximum number of positions (``max_position_embeddings``), if its config says."""
+        return getattr(self.llm.config, "max_position_embeddings", None)
+
     def grid(self, image_size: int | None = None) -> tuple[int, int]:
         """(h, w) of the code grid of a square image of ``image_size`` pixels (default: the UniTok's)."""
         size = self.unitok.config.image_size if image_size is None else image_size
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise ValueError(f"image_size must be an int (pixels), got {size!r}")
         if size < UNITOK_DOWNSAMPLE or size % UNITOK_DOWNSAMPLE:
             raise ValueError(f"image_size must be a positive multiple of {UNITOK_DOWNSAMPLE}, got {size}")
         return size // UNITOK_DOWNSAMPLE, size // UNITOK_DOWNSAMPLE
@@ -345,15 +515,67 @@ class UniTokMLLM(nn.Module):
             return self.unitok.quantizer.codes_to_vectors(codes_NK)
 
     def embed_codes(self, codes_NK: torch.Tensor) -> torch.Tensor:
-        """LLM input embeddings [N,H] of N visual positions given their codes [N,K]."""
+        """LLM input embeddings [N,H] of N visual positions given their codes [N,K], each position on its own.
+
+        For the causal attention merger this embeds every position as a one-position image; use
+        :meth:`embed_image` / :meth:`embed_next` for images.
+        """
+        if self.config.projector != "mlp":
+            return self.projector(codes_NK[:, None])[:, 0]
         vecs = self.code_vectors(codes_NK)
-        return self.projector(vecs.to(self.projector.fc1.weight.dtype))
+        return self.projector(vecs.to(self.projector_dtype))
+
+    def embed_image(self, codes_BLK: torch.Tensor) -> torch.Tensor:
+        """LLM input embeddings [B,L,H] of whole images (or image prefixes) given their codes [B,L,K]."""
+        if self.config.projector == "mlp":
+            return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
+        return self.projector(codes_BLK)
+
+    def new_image_state(self) -> MergerCache | None:
+        """State of an image being generated position by position (the merger's KV cache; None for the MLP)."""
+        return MergerCache() if self.config.projector == "causal_attn" else None
+
+    def embed_next(
+        self, codes_BTK: torch.Tensor, state: MergerCache | None, reference_merger_cache: bool = False
+    ) -> torch.Tensor:
+        """Embeddings [B,T,H] of the next T positions of the images in ``state`` (see :meth:`new_image_state`).
+
+        ``reference_merger_cache=True`` reproduces the reference implementation's cached generation, where the
+        causal merger sees only the new positions (a sequence of length T) instead of the whole image so far; it
+        only exists to reproduce that code's published samples.
+        """
+        if state is None:
+            return self.embed_image(codes_BTK)
+        if reference_merger_cache:
+            return self.projector(codes_BTK)
+        return self.projector.step(codes_BTK, state)
 
     def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Input embeddings [B,T,H]: token embeddings, replaced at ``visual_mask`` by the projected codes [B,T,K]."""
+        """Input embeddings [B,T,H]: token embeddings, replaced at ``visual_mask`` by the projected codes [B,T,K].
+
+        Each run of consecutive visual positions in a row is one image (the causal merger attends within it).
+        """
         embeds = self.llm.get_input_embeddings()(input_ids)
-        visual = self.embed_codes(codes[visual_mask])
-        return embeds.masked_scatter(visual_mask[..., None], visual.to(embeds.dtype))
+        if self.config.projector == "mlp":
+            visual = self.embed_codes(codes[visual_mask])
+            return embeds.masked_scatter(visual_mask[..., None], visual.to(embeds.dtype))
+        runs = _visual_runs(visual_mask)
+        if not runs:
+            # Keep the merger in the graph (every parameter gets a gradient, as distributed training needs).
+            return embeds + 0.0 * self.projector(codes[:1, :1]).sum().to(embeds.dtype)
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for row, start, end in runs:
+            by_length.setdefault(end - start, []).append((row, start))
+        rows, cols, values = [], [], []
+        for length, items in by_length.items():
+            offsets = torch.arange(length, device=codes.device)
+            row_idx = torch.tensor([r for r, _ in items], device=codes.device)[:, None].expand(-1, length)
+            col_idx = torch.tensor([c for _, c in items], device=codes.device)[:, None] + offsets
+            out = self.projector(codes[row_idx, col_idx])
+            rows.append(row_idx.flatten())
+            cols.append(col_idx.flatten())
+            values.append(out.flatten(0, 1).to(embeds.dtype))
+        return embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values))
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for :meth:`decode_hidden`."""
@@ -389,43 +611,68 @@ class UniTokMLLM(nn.Module):
         text_loss = _mean_cross_entropy(text_logits, text_targets[text_sel])
         code_sel = batch.code_mask[:, 1:]
         code_targets = batch.codes[:, 1:][code_sel]
-        code_logits = self.depth_head(hidden[code_sel], code_targets)
-        code_loss = _mean_cross_entropy(code_logits.flatten(0, 1), code_targets.flatten())
+        code_logits = self.depth_head(hidden[code_sel], code_targets).flatten(0, 1).float()
+        code_ce = _mean_cross_entropy(code_logits, code_targets.flatten())
+        z_loss = _z_loss(code_logits)
+        code_loss = code_ce + self.config.z_loss_weight * z_loss if self.config.z_loss_weight else code_ce
+        n_text, n_code = int(text_sel.sum()), int(code_targets.numel())
+        weight = self.config.code_loss_weight
+        if self.config.loss_weighting == "token_count" and n_text + n_code > 0:
+            loss = (n_text * text_loss + weight * n_code * code_loss) / (n_text + n_code)
+        else:
+            loss = text_loss + weight * code_loss
         return MLLMOutput(
-            loss=text_loss + self.config.code_loss_weight * code_loss,
+            loss=loss,
             text_loss=text_loss.detach(),
-            code_loss=code_loss.detach(),
-            num_text_targets=int(text_sel.sum()),
+            code_loss=code_ce.detach(),
+            num_text_targets=n_text,
             num_code_targets=int(code_sel.sum()),
+            z_loss=z_loss.detach(),
         )
 
     # ------------------------------------------------------------------ user-facing inference
 
     def to_codes(self, item: Any) -> torch.Tensor:
-        """One image (PIL, or tensor [3,H,W] in [-1,1]) or code grid [h,w,K] -> validated code grid [h,w,K]."""
+        """One image or code grid -> validated code grid [h,w,K].
+
+        ``item``: a PIL image or image path (made square as ``config.image_resize`` says, resized to the UniTok's
+        size), an image tensor [3,H,W] or [1,3,H,W] with values in [-1,1], or an integer code grid [h,w,K]
+        (or [1,h,w,K]).
+        """
         if isinstance(item, torch.Tensor) and not item.dtype.is_floating_point:
+            if item.ndim == 4 and item.shape[0] == 1:
+                item = item[0]
             self.builder.check_codes(item)
             return item.to(self.device)
         if isinstance(item, torch.Tensor):
-            if item.ndim != 3 or item.shape[0] != 3:
-                raise ValueError(
-                    f"expected an image [3,H,W] in [-1,1] or codes [h,w,K], got {list(item.shape)}"
-                )
-            img = item
+            img = check_pixels(item)
         else:
-            from unitok.tokenizer.preprocess import load_image
-
-            img = load_image(item, size=self.unitok.config.image_size)
+            img = self.load_image(item)
         with torch.no_grad():
-            return self.unitok.encode(img[None].to(self.device))[0]
+            param = next(self.unitok.parameters())
+            return self.unitok.encode(img[None].to(device=param.device, dtype=param.dtype))[0].to(self.device)
+
+    def load_image(self, item: Any) -> torch.Tensor:
+        """A PIL image, path or uint8 array -> [3,S,S] in [-1,1] at the UniTok's size ``S``.
+
+        ``config.image_resize == "pad"`` pads to a square first (the released model's ``expand2square`` with the
+        background (122, 116, 104)) and resizes; ``"crop"`` resizes the short side and centre-crops.
+        """
+        from unitok.tokenizer.preprocess import load_image
+
+        size = self.unitok.config.image_size
+        if self.config.image_resize == "pad":
+            return load_image(expand_to_square(item), size=size)
+        return load_image(item, size=size)
 
     def decode_codes(self, codes_BhwK: torch.Tensor) -> list[Any]:
         """PIL images of code grids [B,h,w,K] (UniTok decoder)."""
         from unitok.tokenizer.preprocess import to_pil
 
         self.builder.check_codes(codes_BhwK, batched=True)
+        param = next(self.unitok.parameters())
         with torch.no_grad():
-            return to_pil(self.unitok.decode(codes_BhwK).float().cpu())
+            return to_pil(self.unitok.decode(codes_BhwK.to(param.device)).float().cpu())
 
     def generate_images(
         self,
@@ -438,8 +685,14 @@ class UniTokMLLM(nn.Module):
         image_size: int | None = None,
         decode: bool = True,
         use_cache: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+        reference_merger_cache: bool = False,
     ) -> GeneratedImages:
-        """Text -> image codes [B,h,w,K] and decoded PIL images; see :func:`unitok.mllm.generation.generate_images`."""
+        """Text -> image codes [B,h,w,K] and decoded PIL images; see :func:`unitok.mllm.generation.generate_images`.
+
+        ``progress(done, total)`` is called after each generated position. ``reference_merger_cache`` reproduces
+        the reference code's cached generation with the causal merger (see :meth:`embed_next`).
+        """
         return generate_images(
             self,
             prompts,
@@ -451,6 +704,63 @@ class UniTokMLLM(nn.Module):
             image_size,
             decode=decode,
             use_cache=use_cache,
+            progress=progress,
+            reference_merger_cache=reference_merger_cache,
+        )
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        images: Any = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        streamer: Any = None,
+    ) -> str:
+        """The assistant's next answer in a conversation.
+
+        Args:
+            messages: ``{"role": "user"|"assistant", "content": str}`` dicts, alternating, ending with a user turn.
+            images: None, one image, or a list of images: PIL images, paths, tensors [3,H,W] / [1,3,H,W] in
+                [-1,1], or code grids [h,w,K]. Each goes where a user turn has ``<image>`` (in order); with no
+                ``<image>`` anywhere they go before the first user turn's text.
+            max_new_tokens: answer length limit in tokens.
+            temperature, top_p: sampling (temperature 0 = greedy).
+            streamer: a ``transformers`` streamer (e.g. ``TextIteratorStreamer``) that receives the new tokens.
+
+        Returns:
+            the answer text (special tokens removed, stripped).
+        """
+        return chat(
+            self,
+            messages,
+            images,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            streamer=streamer,
+        )
+
+    def chat_stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        images: Any = None,
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        streamer: Any = None,
+    ) -> Iterator[str]:
+        """Like :meth:`chat`, yielding the answer text piece by piece as it is generated."""
+        return chat_stream(
+            self,
+            messages,
+            images,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            streamer=streamer,
         )
 
     def answer(
@@ -463,8 +773,45 @@ class UniTokMLLM(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
     ) -> list[str] | Iterator[str]:
-        """Image(s) + question(s) -> answers; see :func:`unitok.mllm.generation.answer`."""
+        """Image(s) + question(s) -> answers (one-turn :meth:`chat`, batched); see :func:`unitok.mllm.generation.answer`."""
         return answer(self, images_or_codes, questions, max_new_tokens, stream, temperature, top_p, use_cache)
+
+
+def check_pixels(img: torch.Tensor) -> torch.Tensor:
+    """An image tensor [3,H,W] or [1,3,H,W] with finite values in [-1,1] -> [3,H,W] float32; else ``ValueError``."""
+    if img.ndim == 4 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise ValueError(
+            f"expected an image [3,H,W] or [1,3,H,W] in [-1,1] or codes [h,w,K], got {list(img.shape)}"
+        )
+    if img.numel() == 0:
+        raise ValueError(f"expected a non-empty image, got shape {list(img.shape)}")
+    img = img.float()
+    if not bool(torch.isfinite(img).all()):
+        raise ValueError("the image tensor contains NaN or Inf values; expected finite pixels in [-1,1]")
+    lo, hi = float(img.min()), float(img.max())
+    if lo < -1.01 or hi > 1.01:
+        hint = " (it looks like 0-255 pixels: use img / 127.5 - 1)" if hi > 2 else ""
+        raise ValueError(f"expected pixel values in [-1,1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
+    return img.clamp(-1, 1)
+
+
+def expand_to_square(item: Any, background: tuple[int, int, int] = (122, 116, 104)) -> Any:
+    """The image padded to a square (centred) with ``background``: the released model's ``expand2square``."""
+    from PIL import Image
+
+    from unitok.data.transforms import to_rgb
+    from unitok.tokenizer.preprocess import _as_pil
+
+    image = to_rgb(_as_pil(item))
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def _embedding(llm: nn.Module) -> nn.Embedding:
@@ -483,6 +830,24 @@ def _cache_kwarg(decoder: nn.Module) -> str:
 
 def _resolve_llm(config: MLLMConfig, path: Path) -> str | dict[str, Any]:
     return config.llm if isinstance(config.llm, dict) else _resolve(config.llm, path)
+
+
+def _visual_runs(visual_mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every run of consecutive True values in ``visual_mask`` [B,T]."""
+    mask = visual_mask.to(torch.int8)
+    edges = torch.diff(
+        mask, dim=1, prepend=mask.new_zeros(mask.shape[0], 1), append=mask.new_zeros(mask.shape[0], 1)
+    )
+    starts = (edges == 1).nonzero().tolist()
+    ends = (edges == -1).nonzero().tolist()
+    return [(row, start, end) for (row, start), (_, end) in zip(starts, ends)]
+
+
+def _z_loss(logits_NC: torch.Tensor) -> torch.Tensor:
+    """``mean(max_logit^2)`` over rows (0, still in the graph, without rows)."""
+    if logits_NC.shape[0] == 0:
+        return logits_NC.sum() * 0.0
+    return logits_NC.max(dim=-1).values.pow(2).mean()
 
 
 def _mean_cross_entropy(logits_NC: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 Shape legend: B batch, L positions, D UniTok latent width (K sub-codes concatenated), H LLM hidden size.
 
-The projector works per position on purpose: an input merger that attends across positions sees the
-whole image prefix in training but only the newest position under a KV cache.
+The default projector works per position: an input merger that attends across positions sees the whole image
+prefix in training, so generating with it needs a cache of its own (the released model's causal attention
+merger, :class:`CausalAttnMerger`, keeps one: :class:`MergerCache`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -32,3 +35,89 @@ class VisualProjector(nn.Module):
     def forward(self, vecs_D: torch.Tensor) -> torch.Tensor:
         """Map code vectors ``[..., D]`` to LLM input embeddings ``[..., H]`` (any leading shape)."""
         return self.fc2(self.act(self.fc1(self.norm(vecs_D))))
+
+
+class MergerCache:
+    """Keys/values of the causal attention merger over the image positions embedded so far (one image per row)."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of positions held."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+
+class CausalAttnMerger(nn.Module):
+    """The released input merger: K codes of each position -> one LLM input embedding, causal over an image.
+
+    ``codes [B,L,K]`` -> the MLLM's own frozen copy of the K codebooks (rows L2-normalised at lookup), concatenated
+    to ``[B,L,D]`` -> ``attn_projection`` (UniTok's ``AttnProjection`` layout: ``proj(norm3(x)) + attn(norm1(x))``
+    then a GeGLU MLP, the attention causal over the L positions, heads concatenated to ``attn_width``) ->
+    ``mm_projector`` (LayerNorm(eps 1e-6) -> Linear -> GELU -> Linear) -> ``[B,L,H]``.
+
+    Submodule names are the released ``model.multi_embedder.*`` key names. :meth:`step` embeds the next position of
+    each row with a :class:`MergerCache` of the earlier positions' keys/values, so embedding an image position by
+    position gives the same vectors as embedding it whole.
+    """
+
+    def __init__(
+        self,
+        num_codebooks: int,
+        codebook_size: int,
+        code_dim: int,
+        llm_hidden: int,
+        attn_width: int = 1024,
+        attn_heads: int = 16,
+        hidden: int | None = None,
+    ) -> None:
+        super().__init__()
+        from unitok.tokenizer.projection import AttnProjection
+        from unitok.tokenizer.quantizer import MultiCodebookQuantizer
+
+        hidden = llm_hidden if hidden is None else hidden
+        self.quantizer = MultiCodebookQuantizer(num_codebooks, codebook_size, code_dim).requires_grad_(False)
+        self.attn_projection = AttnProjection(num_codebooks * code_dim, attn_width, attn_heads, causal=True)
+        self.mm_projector = nn.Sequential(
+            nn.LayerNorm(attn_width, eps=1e-6),
+            nn.Linear(attn_width, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, llm_hidden),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mm_projector[1].weight.dtype
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[..., K]`` -> concatenated normalised code vectors ``[..., D]`` (fp32, no gradient)."""
+        with torch.no_grad():
+            return self.quantizer.codes_to_vectors(codes)
+
+    def forward(self, codes_BLK: torch.Tensor) -> torch.Tensor:
+        """Embed whole images (or image prefixes) ``[B,L,K]`` -> ``[B,L,H]``, causal over L."""
+        x = self.code_vectors(codes_BLK).to(self.dtype)
+        return self.mm_projector(self.attn_projection(x))
+
+    def step(self, codes_BTK: torch.Tensor, cache: MergerCache) -> torch.Tensor:
+        """Embed the next T positions of each row given ``cache`` (updated in place) -> ``[B,T,H]``."""
+        proj = self.attn_projection
+        attn = proj.attn
+        x = self.code_vectors(codes_BTK).to(self.dtype)
+        bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
+        qkv = F.linear(proj.norm1(x), attn.qkv.weight, bias)
+        q, k, v = rearrange(qkv, "b t (three h e) -> three b h t e", three=3, h=attn.num_heads).unbind(0)
+        past = cache.length
+        if past:
+            k = torch.cat([cache.keys, k], dim=2)
+            v = torch.cat([cache.values, v], dim=2)
+        cache.keys, cache.values = k, v
+        t = x.shape[1]
+        # New position i (0-based among the T new ones) sees every cached position and the new ones up to i.
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = proj.proj(proj.norm3(x)) + attn.proj(rearrange(out, "b h t e -> b t (h e)"))
+        y = y + proj.mlp(proj.norm2(y))
+        return self.mm_projector(y)

@@ -12,6 +12,15 @@ Layout of one sequence (``[bos]`` only if the tokenizer has one; the template is
 Each ``<image>`` placeholder of a user turn becomes ``<boi>``, one visual position per code-grid cell (raster
 order), ``<eoi>``. Visual positions hold the ``<image>`` id in ``input_ids`` only as filler: their input
 embeddings come from the projector.
+
+With ``conversation="vicuna_v1"`` (the released model) the layout is the released one instead:
+
+- image -> text:     ``[bos] <system> USER: <q1 text, v_1..v_L in place of <image>> ASSISTANT: a1 </s> USER: ...``
+  (no markers around the visual positions; loss on the answers + ``</s>``)
+- text -> image:     ``[bos] prompt + t2i_suffix <boi> v_1..v_L <eoi> </s>`` (no template; the unconditional row
+  is ``[bos] uncond_prompt <boi>``); loss on ``<boi>``, the codes, ``<eoi>`` and ``</s>``.
+
+Text around an ``<image>`` placeholder is tokenized chunk by chunk (the placeholder need not be a token).
 """
 
 from __future__ import annotations
@@ -244,19 +253,65 @@ class SequenceBuilder:
         pieces.text([*self._tokenize(text), self.ids.eos], supervised=True)
         return self._finish(pieces, truncatable=True)
 
+    @property
+    def vicuna(self) -> bool:
+        """Whether sequences follow the released model's layout (``conversation="vicuna_v1"``)."""
+        return self.config.conversation == "vicuna_v1"
+
+    def _text_with_images(self, pieces: _Pieces, text: str, codes: list[torch.Tensor]) -> None:
+        """Append ``text`` with each ``<image>`` replaced by the visual positions of the next grid (no markers)."""
+        chunks = text.split(self.config.image_token)
+        for i, chunk in enumerate(chunks):
+            if i:
+                grid = codes.pop(0)
+                pieces.visual_positions(self.ids.image, rearrange(grid, "h w k -> (h w) k"), supervised=False)
+            if chunk:
+                pieces.text(self._tokenize(chunk), supervised=False)
+
+    def _turns(
+        self, turns: Sequence[tuple[str, str | None]], codes: Sequence[torch.Tensor], supervised: bool
+    ) -> _Pieces:
+        """The pieces of a conversation; the last answer may be ``None`` (an inference prompt)."""
+        self._check_images([user for user, _ in turns], codes)
+        if any(answer is not None and self.config.image_token in answer for _, answer in turns):
+            raise ValueError(f"answers cannot contain {self.config.image_token}")
+        pending = list(codes)
+        if not self.vicuna:
+            pieces = self._start()
+            for user, answer in turns:
+                self._user_turn(pieces, user, pending)
+                if answer is not None:
+                    pieces.text([*self._tokenize(answer), self.ids.eos], supervised=supervised)
+            return pieces
+        pieces = _Pieces(self.num_codebooks)
+        pieces.text([] if self.ids.bos is None else [self.ids.bos], supervised=False)
+        prefix = f"{self.config.system_prompt} " if self.config.system_prompt else ""
+        for user, answer in turns:
+            if not user.strip():
+                raise ValueError("expected a non-empty prompt / question, got an empty string")
+            self._text_with_images(
+                pieces, prefix + self.config.prompt_template.replace("{prompt}", user), pending
+            )
+            prefix = ""
+            if answer is not None:
+                pieces.text([*self._tokenize(answer.strip()), self.ids.eos], supervised=supervised)
+        return pieces
+
     def understanding(self, turns: Sequence[tuple[str, str]], codes: Sequence[torch.Tensor]) -> TokenSequence:
         """A training sequence for image(s) -> text; loss on the answers and their ``</s>``."""
         if not turns:
             raise ValueError("expected at least one (question, answer) turn")
-        self._check_images([user for user, _ in turns], codes)
-        if any(self.config.image_token in answer for _, answer in turns):
-            raise ValueError(f"answers cannot contain {self.config.image_token}")
-        pending = list(codes)
-        pieces = self._start()
-        for user, answer in turns:
-            self._user_turn(pieces, user, pending)
-            pieces.text([*self._tokenize(answer), self.ids.eos], supervised=True)
-        return self._finish(pieces, truncatable=False)
+        return self._finish(self._turns(turns, codes, supervised=True), truncatable=False)
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]], codes: Sequence[torch.Tensor]) -> TokenSequence:
+        """Inference prompt of a conversation, ending where the next assistant answer starts.
+
+        Args:
+            messages: ``{"role": "user"|"assistant", "content": str}`` dicts, alternating, starting and ending
+                with a user turn.
+            codes: one code grid [h,w,K] per ``<image>`` placeholder in the user turns, in order.
+        """
+        return self._finish(self._turns(check_messages(messages), codes, supervised=False), truncatable=False)
 
     def generation(self, prompt: str, codes_hwK: torch.Tensor, uncond: bool = False) -> TokenSequence:
         """A training sequence for text -> image; ``uncond`` swaps the prompt for the unconditional one."""
@@ -270,8 +325,17 @@ class SequenceBuilder:
         """The prompt part of a text -> image sequence, ending with ``<boi>``."""
         if not uncond and self.config.image_token in prompt:
             raise ValueError(f"a text-to-image prompt cannot contain {self.config.image_token}")
+        if not uncond and not prompt.strip():
+            raise ValueError("expected a non-empty prompt / question, got an empty string")
+        text = self.config.uncond_prompt if uncond else prompt + self.config.t2i_suffix
+        if self.vicuna:
+            pieces = _Pieces(self.num_codebooks)
+            bos = [] if self.ids.bos is None else [self.ids.bos]
+            pieces.text([*bos, *self._tokenize(text)], supervised=False)
+            # The released model is trained to predict <boi> after the prompt.
+            pieces.text([self.ids.boi], supervised=True)
+            return pieces
         pieces = self._start()
-        text = self.config.uncond_prompt if uncond else prompt
         self._user_turn(pieces, text, [], allow_empty=uncond)
         pieces.text([self.ids.boi], supervised=False)
         return pieces
@@ -282,10 +346,33 @@ class SequenceBuilder:
 
     def understanding_prompt(self, question: str, codes: Sequence[torch.Tensor]) -> TokenSequence:
         """Inference prompt for image(s) -> text, ending where the answer starts."""
-        self._check_images([question], codes)
-        pieces = self._start()
-        self._user_turn(pieces, question, list(codes))
-        return self._finish(pieces, truncatable=False)
+        return self.chat_prompt([{"role": "user", "content": question}], codes)
+
+
+def check_messages(messages: Sequence[dict[str, str]]) -> list[tuple[str, str | None]]:
+    """Validate chat messages and pair them as (user, answer) turns; the last answer is ``None``."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(
+            'expected messages as a non-empty list of {"role": "user"|"assistant", "content": str} dicts, '
+            f"got {type(messages).__name__}"
+        )
+    for i, message in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if not isinstance(message, dict) or message.get("role") != want:
+            got = message.get("role") if isinstance(message, dict) else type(message).__name__
+            raise ValueError(
+                f"messages must alternate user/assistant starting with a user turn; message {i} should have "
+                f"role {want!r}, got {got!r}"
+            )
+        if not isinstance(message.get("content"), str):
+            raise ValueError(
+                f"message {i} needs a str 'content', got {type(message.get('content')).__name__}"
+            )
+    if len(messages) % 2 == 0:
+        raise ValueError("the last message must be a user turn (the model answers it)")
+    users = [m["content"] for m in messages[::2]]
+    answers: list[str | None] = [m["content"] for m in messages[1::2]]
+    return list(zip(users, [*answers, None]))
 
 
 def pad_sequences(seqs: Sequence[TokenSequence], pad_id: int, side: str = "right") -> MLLMBatch:
