@@ -58,11 +58,15 @@ setup(
     python_requires=">=3.10",
     package_dir={f"unitok.{folder}": folder for folder in FOLDERS},
     packages=_packages(),
-    package_data={"unitok.scripts.configs": ["*.yaml", "*.json"]},
+    package_data={
+        "unitok.scripts.configs": ["*.yaml", "*.json"],
+        "unitok.eval": ["geneval_prompts/*", "lmms_tasks/*/*"],
+    },
     include_package_data=True,
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={
         "console_scripts": ["unitok=unitok.scripts.cli:main"],
+        "lmms_eval.models": ["unitok = unitok.eval.lmms:manifest"],
     },
 )

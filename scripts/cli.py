@@ -26,6 +26,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unitok.eval.tokenizer_eval",
         "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy",
     ),
+    "eval-vqa": (
+        "unitok.eval.lmms.evaluate",
+        "VQA through lmms-eval (offline synth_vqa, or vqav2_val/gqa/textvqa_val/mme) with official scoring",
+    ),
+    "eval-geneval": (
+        "unitok.eval.geneval",
+        "GenEval image folder (4 per prompt, resumable) and the exact synthetic-world scorer",
+    ),
+    "eval-gen-fid": (
+        "unitok.eval.generation_fid",
+        "generation FID (MJHQ-30K style) against reference images or statistics",
+    ),
     "ablations": (
         "unitok.scripts.ablations",
         "the paper's tokenizer findings in miniature (MCQ vs RQ, codebooks, ...)",
