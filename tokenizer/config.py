@@ -16,6 +16,23 @@ OPEN_CLIP_VOCAB_SIZE = 49408
 
 QUANTIZER_KINDS = ("mcq", "rq")
 PROJECTION_KINDS = ("attn", "linear")
+UPSAMPLE_KINDS = ("transposed", "nearest_conv")
+
+# Parts whose activations can be recomputed in the backward pass instead of kept (activation
+# checkpointing), each switched on separately: the encoder's conv front-end (stem + MbConv stages), the
+# encoder's ViT blocks, the decoder's ViT blocks, the decoder's conv upsampler and the CLIP text tower.
+CHECKPOINT_PARTS = ("encoder_front", "encoder_blocks", "decoder_blocks", "upsampler", "text")
+
+# Named sets of checkpointed parts for UniTok-Large at 256 px, bf16, 64 images per GPU (the release recipe)
+# with LPIPS and the DINO discriminator; chosen from the per-part activation memory that
+# ``unitok bench train-step`` reports (see BENCHMARKS.md). Recomputing a part costs about one more forward
+# of it, so each set recomputes only what its memory budget needs, the cheapest FLOP per byte saved first.
+CHECKPOINT_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "gpu-141gb": ("encoder_front", "upsampler"),
+    "gpu-80gb": ("encoder_front", "encoder_blocks", "upsampler", "text"),
+    "all": CHECKPOINT_PARTS,
+}
 
 
 @dataclass(frozen=True)
@@ -59,14 +76,41 @@ class TokenizerConfig:
     text_context_length: int = 77
     text_vocab_size: int = OPEN_CLIP_VOCAB_SIZE
     embed_dim: int = 768
+    # Execution choices that leave the weights, the state-dict keys and (up to float rounding) the outputs
+    # unchanged. ``grad_checkpointing`` recomputes every part (the release's switch); ``checkpoint_parts``
+    # names a subset of ``CHECKPOINT_PARTS`` or one ``CHECKPOINT_PRESETS`` key. ``upsample`` "transposed"
+    # runs each nearest-x2 + 3x3 conv of the decoder as the equal stride-2 4x4 transposed conv (2.25x fewer
+    # FLOPs); "nearest_conv" runs it literally. ``channels_last`` keeps the conv parts' activations NHWC.
     grad_checkpointing: bool = False
+    checkpoint_parts: tuple[str, ...] = ()
+    upsample: str = "transposed"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("stage_widths", "stage_depths", "upsampler_widths", "upsampler_depths"):
+        if isinstance(self.checkpoint_parts, str):
+            if self.checkpoint_parts not in CHECKPOINT_PRESETS:
+                raise ValueError(
+                    f"checkpoint_parts must be a tuple of parts {CHECKPOINT_PARTS} or a preset name "
+                    f"{sorted(CHECKPOINT_PRESETS)}, got {self.checkpoint_parts!r}"
+                )
+            object.__setattr__(self, "checkpoint_parts", CHECKPOINT_PRESETS[self.checkpoint_parts])
+        for name in (
+            "stage_widths",
+            "stage_depths",
+            "upsampler_widths",
+            "upsampler_depths",
+            "checkpoint_parts",
+        ):
             value = getattr(self, name)
             if not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
         self._validate()
+
+    def checkpoints(self, part: str) -> bool:
+        """Whether the activations of ``part`` (one of ``CHECKPOINT_PARTS``) are recomputed in backward."""
+        if part not in CHECKPOINT_PARTS:
+            raise ValueError(f"unknown checkpoint part {part!r}; parts are {CHECKPOINT_PARTS}")
+        return self.grad_checkpointing or part in self.checkpoint_parts
 
     def _validate(self) -> None:
         _require_positive_ints(
@@ -137,6 +181,17 @@ class TokenizerConfig:
             raise ValueError(f"beta and entropy_weight must be >= 0, got {self.beta}, {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+        unknown_parts = [part for part in self.checkpoint_parts if part not in CHECKPOINT_PARTS]
+        if unknown_parts:
+            raise ValueError(
+                f"unknown checkpoint_parts {unknown_parts}; choose from {CHECKPOINT_PARTS} or a preset "
+                f"name {sorted(CHECKPOINT_PRESETS)}"
+            )
+        if self.upsample not in UPSAMPLE_KINDS:
+            raise ValueError(f"upsample must be one of {UPSAMPLE_KINDS}, got {self.upsample!r}")
+        for name in ("grad_checkpointing", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def codebook_size(self) -> int:

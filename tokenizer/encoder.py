@@ -15,6 +15,7 @@ from timm.layers import HybridEmbed
 from timm.models.vision_transformer import VisionTransformer
 from timm.models.vitamin import GeGluMlp, MbConvStages, VitCfg, VitConvCfg
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import TokenizerConfig
 
@@ -34,6 +35,22 @@ def vitamin_front_end(config: TokenizerConfig) -> MbConvStages:
     return MbConvStages(cfg=embed_cfg)
 
 
+class ConvFrontEnd(HybridEmbed):
+    """timm's ``HybridEmbed`` (conv backbone -> tokens ``[B,L,C]``) whose whole forward can be recomputed.
+
+    timm's own switch checkpoints only the MbConv stages; the stem's full-resolution activations are the
+    largest of the front-end, so ``recompute`` covers stem, stages and the strided conv together. Same
+    submodules and state-dict keys as ``HybridEmbed``.
+    """
+
+    recompute: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
+
+
 class ViTaminEncoder(VisionTransformer):
     """ViTamin trunk of UniTok: ``forward(img_B3HW) -> feats_BLC``, L = (H/16)*(W/16), C = ``config.width``.
 
@@ -51,7 +68,7 @@ class ViTaminEncoder(VisionTransformer):
             fc_norm=False,
             class_token=False,
             pos_embed="none",
-            embed_layer=partial(HybridEmbed, backbone=vitamin_front_end(config), proj=False),
+            embed_layer=partial(ConvFrontEnd, backbone=vitamin_front_end(config), proj=False),
             embed_dim=config.width,
             depth=config.depth,
             num_heads=config.num_heads,
@@ -62,8 +79,13 @@ class ViTaminEncoder(VisionTransformer):
             drop_path_rate=config.drop_path,
         )
         self.pos_embed = nn.Parameter(torch.zeros(1, 1, config.width), requires_grad=False)
-        self.set_grad_checkpointing(config.grad_checkpointing)
+        # Set directly: timm's set_grad_checkpointing would switch the front-end along with the blocks.
+        self.grad_checkpointing = config.checkpoints("encoder_blocks")
+        self.patch_embed.recompute = config.checkpoints("encoder_front")
+        self.channels_last = config.channels_last
 
     def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Images ``[B,3,H,W]`` in [-1,1] -> final-LayerNorm'd tokens ``[B,L,C]`` in raster order."""
+        if self.channels_last:
+            img_B3HW = img_B3HW.contiguous(memory_format=torch.channels_last)
         return self.forward_features(img_B3HW)

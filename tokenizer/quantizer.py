@@ -321,10 +321,12 @@ class _StackedCodebookQuantizer(nn.Module):
     def _record_usage(self, codes_KN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-batch usage % and perplexity ``[K]``; in training also all-reduce counts and update the EMA."""
         flat = (codes_KN + self._offsets[:, None]).flatten()
-        counts_KV = torch.bincount(flat, minlength=self.num_codebooks * self.codebook_size).view(
-            self.num_codebooks, self.codebook_size
+        # Integer scatter-add, equal to bincount(flat, minlength=K*V); bincount would read its maximum back to
+        # the host to size the output, a device sync in every training step.
+        counts = flat.new_zeros(self.num_codebooks * self.codebook_size).scatter_add_(
+            0, flat, torch.ones_like(flat)
         )
-        counts_KV = counts_KV.float()
+        counts_KV = counts.view(self.num_codebooks, self.codebook_size).float()
         if self.training and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts_KV)
         probs_KV = counts_KV / counts_KV.sum(dim=-1, keepdim=True)
@@ -425,7 +427,7 @@ class MultiCodebookQuantizer(_StackedCodebookQuantizer):
     ``codebooks.{i}.codebook.weight [V, d]`` and ``codebooks.{i}.vocab_usage [V]``.
 
     Usage tracking (every forward; ``quantize`` and ``codes_to_vectors`` keep none): codes are counted per
-    sub-codebook with one bincount; in training mode, when ``torch.distributed`` is initialised, the counts are
+    sub-codebook with one scatter-add on the device (no host sync); in training mode, when ``torch.distributed`` is initialised, the counts are
     summed over ranks (all-reduce); normalised to ``p [K, V]``; ``usage = 100 * mean_v(p > 0.01 / V)`` and
     ``perplexity = exp(-sum_v p ln p)``. Training-mode forwards also update ``ema_usage``: the first call copies
     ``p``, calls 2-100 use ``ema = 0.9 ema + 0.1 p``, later calls ``0.99 ema + 0.01 p``. The call counter

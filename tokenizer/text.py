@@ -31,7 +31,7 @@ def build_text_tower(config: TokenizerConfig) -> TextTransformer:
         pool_type="argmax",
         act_layer=nn.GELU,
     )
-    tower.set_grad_checkpointing(config.grad_checkpointing)
+    tower.set_grad_checkpointing(config.checkpoints("text"))
     return tower
 
 
