@@ -60,6 +60,8 @@ setup(
     packages=_packages(),
     package_data={
         "unitok.scripts.configs": ["*.yaml", "*.json"],
+        "unitok.scripts.configs.mllm": ["*.yaml"],
+        "unitok.scripts.configs.deepspeed": ["*.json"],
         "unitok.eval": ["geneval_prompts/*", "lmms_tasks/*/*"],
     },
     include_package_data=True,
