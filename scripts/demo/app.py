@@ -220,7 +220,9 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
                     )
                     t2i_top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="t2i-seed")
-                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
+                    num_images = gr.Slider(
+                        1, MAX_IMAGES, value=1, step=1, label="Number of images", elem_id="t2i-count"
+                    )
                     generate = gr.Button(
                         "Generate", variant="primary", elem_id="t2i-generate", interactive=has_mllm
                     )
