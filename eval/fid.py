@@ -11,16 +11,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import scipy.linalg
 import torch
 
 logger = logging.getLogger(__name__)
-
-# Diagonal offset used when sqrtm of the covariance product is not finite (singular covariances,
-# e.g. fewer samples than feature dimensions); the value used by the standard FID implementations.
-SQRTM_EPS = 1e-6
-# Largest imaginary part of the sqrtm diagonal we treat as round-off rather than a real failure.
-IMAG_TOLERANCE = 1e-3
 
 
 def _as_float64(x) -> np.ndarray:
@@ -38,39 +31,36 @@ def _check_stats(mu1, sigma1, mu2, sigma2) -> tuple[np.ndarray, np.ndarray, np.n
             "expected means of shape [F] and covariances of shape [F,F] with one F, got "
             f"mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, mu2 {list(mu2.shape)}, sigma2 {list(sigma2.shape)}"
         )
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.isfinite(value).all():
+            raise ValueError(f"{name} holds NaN/Inf: the features it was computed from are not finite")
     return mu1, sigma1, mu2, sigma2
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = SQRTM_EPS) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Fréchet distance ``|mu1-mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2))`` between two Gaussians, in float64.
+
+    The number is torch-fidelity's own (``fid_statistics_to_metric``, the function behind the reference's
+    ``torch_fidelity.calculate_metrics``), so our rFID and generation FID equal the published pipeline's for
+    the same statistics; this function only checks and converts its inputs.
 
     Args:
         mu1, mu2: means, [F] (numpy arrays or tensors).
         sigma1, sigma2: covariances, [F,F].
-        eps: diagonal offset added to both covariances when ``sqrtm(S1 S2)`` is not finite.
 
     Returns:
         the distance as a Python float (in squared feature units).
 
     Raises:
-        ValueError: on mismatched shapes, or when the matrix square root has a large imaginary part.
+        ValueError: on mismatched shapes or non-finite statistics.
     """
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     mu1, sigma1, mu2, sigma2 = _check_stats(mu1, sigma1, mu2, sigma2)
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        logger.warning("sqrtm of the covariance product is singular; adding %g to the diagonals", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        largest_imag = np.max(np.abs(np.diagonal(covmean).imag))
-        if largest_imag > IMAG_TOLERANCE:
-            raise ValueError(
-                f"sqrtm of the covariance product has an imaginary component {largest_imag:.3g}; "
-                "the feature statistics are probably degenerate (too few samples or NaN features)"
-            )
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    result = fid_statistics_to_metric(
+        {"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False
+    )
+    return float(result[KEY_METRIC_FID])
 
 
 def frechet_distance_torch(mu1, sigma1, mu2, sigma2) -> float:

@@ -63,6 +63,26 @@ def test_frechet_distance_singular_covariance_is_finite():
     assert frechet_distance_torch(*stats) == pytest.approx(fid, rel=1e-6)
 
 
+def test_frechet_distance_is_torch_fidelitys_number(feature_sets):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    x, y = feature_sets
+    stats = [{"mu": z.mean(0), "sigma": np.cov(z, rowvar=False)} for z in (x, y)]
+    expected = fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
+    as_tensors = [torch.from_numpy(v).float() for v in (*stats[0].values(), *stats[1].values())]
+    assert frechet_distance(*stats[0].values(), *stats[1].values()) == expected
+    assert frechet_distance(*as_tensors) == pytest.approx(expected, rel=1e-5)
+
+
+def test_frechet_distance_rejects_non_finite_statistics(feature_sets):
+    x, _ = feature_sets
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    sigma_nan = sigma.copy()
+    sigma_nan[0, 0] = np.nan
+    with pytest.raises(ValueError, match="sigma2 holds NaN"):
+        frechet_distance(mu, sigma, mu, sigma_nan)
+
+
 def test_frechet_distance_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"\[F\]"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
