@@ -1,7 +1,9 @@
 """Zero-shot classification with UniTok's CLIP branch, on the quantized image features.
 
 The classifier is open_clip's: per class, the text embeddings of all prompt templates are
-L2-normalised, averaged and re-normalised. Images go through ``model.encode_image`` (which reads the
+L2-normalised, averaged and re-normalised. The prompts default to open_clip's 80 OpenAI ImageNet templates,
+as in the paper; a class folder of the built-in synthetic world gets that world's own prompts instead
+(``"auto"``, see :func:`default_templates`). Images go through ``model.encode_image`` (which reads the
 quantized tokens in UniTok) and are scored with ``logits = 100 * cosine``, as in the paper's
 ImageNet evaluation.
 
@@ -10,6 +12,7 @@ Shape legend: B batch, E CLIP embedding width, N classes.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -32,14 +35,15 @@ SIMPLE_TEMPLATES: tuple[str, ...] = (
     "an image of a {}.",
     "a picture of a {} thing.",
 )
-TEMPLATE_SETS = ("simple", "openai-imagenet", "synth-shape", "synth-color")
+AUTO = "auto"
+TEMPLATE_SETS = (AUTO, "simple", "openai-imagenet", "synth-shape", "synth-color")
 LOGIT_SCALE = 100.0
 
 Template = str | Callable[[str], str]
 
 
 def get_templates(name: str) -> Sequence[Template]:
-    """Prompt templates by name.
+    """Prompt templates by name (``"auto"`` needs a class folder: see :func:`default_templates`).
 
     ``"simple"``: 5 short generic prompts; ``"openai-imagenet"``: open_clip's 80 ImageNet prompts (the
     paper's); ``"synth-shape"`` / ``"synth-color"``: the synthetic world's own prompts for its
@@ -56,6 +60,25 @@ def get_templates(name: str) -> Sequence[Template]:
 
         return ZERO_SHOT_TEMPLATES[name.removeprefix("synth-")]
     raise ValueError(f"unknown template set {name!r}; expected one of {TEMPLATE_SETS}")
+
+
+def default_templates(class_dir: str | Path) -> str:
+    """The template set ``"auto"`` stands for: ``"synth-shape"`` / ``"synth-color"`` for a class folder of
+    the built-in synthetic world (``<world>/classify/{shape,color}/...`` next to the world's
+    ``metadata.json``), else ``"openai-imagenet"`` (the paper's 80 prompts)."""
+    from unitok.data.synth import WORLD_NAME
+
+    class_dir = Path(class_dir).resolve()
+    for folder in (class_dir, *class_dir.parents):
+        if folder.parent.name == "classify" and folder.name in ("shape", "color"):
+            metadata = folder.parent.parent / "metadata.json"
+            try:
+                is_world = json.loads(metadata.read_text(encoding="utf-8")).get("name") == WORLD_NAME
+            except (OSError, ValueError, AttributeError):
+                is_world = False
+            if is_world:
+                return f"synth-{folder.name}"
+    return "openai-imagenet"
 
 
 def imagenet_classnames() -> list[str]:
@@ -75,7 +98,7 @@ def _model_device(model) -> torch.device:
 def zero_shot_classifier(
     model,
     classnames: Sequence[str],
-    templates: Sequence[Template] | str = "simple",
+    templates: Sequence[Template] | str = "openai-imagenet",
     classes_per_batch: int = 10,
 ) -> torch.Tensor:
     """Text classifier weights [E, N]: mean of the normalised prompt embeddings per class, renormalised.
@@ -90,6 +113,10 @@ def zero_shot_classifier(
     from open_clip import build_zero_shot_classifier
 
     if isinstance(templates, str):
+        if templates == AUTO:
+            raise ValueError(
+                'templates="auto" needs a class folder: use evaluate_zero_shot or default_templates'
+            )
         templates = get_templates(templates)
     if not classnames or not templates:
         raise ValueError(
@@ -198,7 +225,7 @@ def evenly_spaced_subset(dataset, max_images: int | None):
 def evaluate_zero_shot(
     model,
     class_dir: str | Path,
-    templates: Sequence[Template] | str = "simple",
+    templates: Sequence[Template] | str = AUTO,
     classnames: Sequence[str] | None = None,
     batch_size: int = 64,
     image_size: int | None = None,
@@ -212,15 +239,20 @@ def evaluate_zero_shot(
 
     Images are resized (short side, bicubic) and centre-cropped to ``image_size`` (default: the
     model's). ``classnames`` default to :func:`read_classnames`. ``max_images`` picks images evenly
-    over the classes.
+    over the classes. ``templates="auto"`` is the paper's 80 ImageNet prompts except on a synthetic-world
+    folder (:func:`default_templates`).
 
     Returns:
-        :func:`zero_shot_accuracy`'s dict plus ``class_dir``, ``templates`` (name or count) and
+        :func:`zero_shot_accuracy`'s dict plus ``class_dir``, ``templates`` (the set's name, or "custom"),
+        ``num_templates`` and
         ``skipped_images`` (unreadable files, counted in this process; None with workers).
     """
     from unitok.data import ClassFolder, eval_transform
 
     image_size = image_size or model.config.image_size
+    if templates == AUTO:
+        templates = default_templates(class_dir)
+    prompts = get_templates(templates) if isinstance(templates, str) else templates
     dataset = ClassFolder(class_dir, transform=eval_transform(image_size))
     names = list(classnames) if classnames is not None else read_classnames(class_dir, dataset.classes)
     if len(names) != len(dataset.classes):
@@ -230,14 +262,21 @@ def evaluate_zero_shot(
     loader = DataLoader(
         evenly_spaced_subset(dataset, max_images), batch_size=batch_size, num_workers=num_workers
     )
-    classifier_EN = zero_shot_classifier(model, names, templates)
+    classifier_EN = zero_shot_classifier(model, names, prompts)
     result = zero_shot_accuracy(
         model, loader, classifier_EN, topk=topk, autocast_dtype=autocast_dtype, progress=progress
     )
     result.update(
         class_dir=str(class_dir),
-        templates=templates if isinstance(templates, str) else len(templates),
+        templates=templates if isinstance(templates, str) else "custom",
+        num_templates=len(prompts),
         skipped_images=dataset.skipped.total if num_workers == 0 else None,
     )
-    logger.info("zero-shot on %s: %s", class_dir, {k: v for k, v in result.items() if k.startswith("top")})
+    logger.info(
+        "zero-shot on %s with %d %s prompts: %s",
+        class_dir,
+        len(prompts),
+        result["templates"],
+        {k: v for k, v in result.items() if k.startswith("top")},
+    )
     return result

@@ -1,5 +1,6 @@
 """Formula tests for the evaluation metrics: Fréchet distance, feature statistics, PSNR, SSIM, codebook stats."""
 
+import json
 import math
 
 import numpy as np
@@ -277,3 +278,24 @@ def test_fid_inception_missing_weights_is_an_error(tmp_path):
         InceptionFeatures(weights_path=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="download=True"):
         InceptionFeatures()
+
+
+def test_zero_shot_templates_default_to_the_papers_except_on_the_synthetic_world(tmp_path):
+    from unitok.data.synth import WORLD_NAME
+    from unitok.eval.zero_shot import AUTO, default_templates, get_templates
+
+    assert len(get_templates("openai-imagenet")) == 80
+    world = tmp_path / "world"
+    for attribute in ("shape", "color"):
+        (world / "classify" / attribute / "val" / "a").mkdir(parents=True)
+    (world / "metadata.json").write_text(json.dumps({"name": WORLD_NAME}))
+    assert default_templates(world / "classify" / "shape" / "val") == "synth-shape"
+    assert default_templates(world / "classify" / "color" / "val" / "a") == "synth-color"
+    imagenet = tmp_path / "imagenet" / "val"
+    imagenet.mkdir(parents=True)
+    assert default_templates(imagenet) == "openai-imagenet"
+    # a folder named like the world's, without the world's metadata, is not the synthetic world
+    (world / "metadata.json").write_text(json.dumps({"name": "something else"}))
+    assert default_templates(world / "classify" / "shape" / "val") == "openai-imagenet"
+    with pytest.raises(ValueError, match="auto"):
+        get_templates(AUTO)
