@@ -98,14 +98,21 @@ class CausalAttnMerger(nn.Module):
 
     def forward(self, codes_BLK: torch.Tensor) -> torch.Tensor:
         """Embed whole images (or image prefixes) ``[B,L,K]`` -> ``[B,L,H]``, causal over L."""
-        x = self.code_vectors(codes_BLK).to(self.dtype)
-        return self.mm_projector(self.attn_projection(x))
+        return self.project(self.code_vectors(codes_BLK))
+
+    def project(self, vecs_BLD: torch.Tensor) -> torch.Tensor:
+        """The merger after the codebook lookup: code vectors ``[B,L,D]`` -> ``[B,L,H]``."""
+        return self.mm_projector(self.attn_projection(vecs_BLD.to(self.dtype)))
 
     def step(self, codes_BTK: torch.Tensor, cache: MergerCache) -> torch.Tensor:
         """Embed the next T positions of each row given ``cache`` (updated in place) -> ``[B,T,H]``."""
+        return self.project_step(self.code_vectors(codes_BTK), cache)
+
+    def project_step(self, vecs_BTD: torch.Tensor, cache: MergerCache) -> torch.Tensor:
+        """:meth:`step` after the codebook lookup: code vectors ``[B,T,D]`` -> ``[B,T,H]``."""
         proj = self.attn_projection
         attn = proj.attn
-        x = self.code_vectors(codes_BTK).to(self.dtype)
+        x = vecs_BTD.to(self.dtype)
         bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
         qkv = F.linear(proj.norm1(x), attn.qkv.weight, bias)
         q, k, v = rearrange(qkv, "b t (three h e) -> three b h t e", three=3, h=attn.num_heads).unbind(0)

@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unitok.scripts.bench_mllm_generation",
         "KV-cached image generation vs full recompute",
     ),
+    "bench mllm-release": (
+        "unitok.scripts.bench_mllm_release",
+        "released MLLM architecture: 7B parameter counts and FLOPs per image position",
+    ),
     "demo": (
         "unitok.scripts.demo.app",
         "web app: chat about an image, text to image, tokenizer reconstruction",
