@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -330,3 +331,141 @@ def codes_to_release(codes_BhwK: torch.Tensor) -> torch.Tensor:
     if codes_BhwK.ndim != 4:
         raise ValueError(f"expected codes [B,h,w,K], got {list(codes_BhwK.shape)}")
     return rearrange(codes_BhwK, "b h w k -> b k (h w)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hugging Face Hub
+
+# The released tokenizer's file name in its Hub repository (FoundationVision/unitok_tokenizer).
+RELEASE_FILENAME = "unitok_tokenizer.pth"
+MODEL_CARD_NAME = "README.md"
+HUB_LIBRARY_NAME = "unitok"
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def is_hub_id(text: str | os.PathLike) -> bool:
+    """Whether ``text`` reads as a Hub repository id ``owner/name`` and is not an existing local path."""
+    return isinstance(text, str) and bool(_HUB_ID.fullmatch(text)) and not Path(text).exists()
+
+
+def download_checkpoint(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+) -> Path:
+    """Fetch a UniTok checkpoint from the Hub (or the local Hub cache) -> a local directory or ``.pth`` file.
+
+    Our layout (``config.json`` + ``model.safetensors``, as ``push_to_hub`` writes it) is tried first, then
+    the released ``unitok_tokenizer.pth`` (read later with ``weights_only=True``). ``HF_HUB_OFFLINE=1`` or
+    ``local_files_only=True`` use the cache only.
+
+    Raises:
+        ValueError: when the repository, the revision or both layouts' files cannot be had, saying why.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    def fetch(filename: str) -> Path:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                token=token,
+                force_download=force_download,
+                local_files_only=local_files_only,
+                library_name=HUB_LIBRARY_NAME,
+            )
+        )
+
+    tried = []
+    for layout in ((CONFIG_NAME, WEIGHTS_NAME), (RELEASE_FILENAME,)):
+        try:
+            paths = [fetch(name) for name in layout]
+        except EntryNotFoundError as error:
+            tried.append(f"{' + '.join(layout)}: {type(error).__name__}")
+            continue
+        except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+            raise ValueError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {error}") from error
+        logger.info("UniTok checkpoint %s resolved to %s", repo_id, paths[0].parent)
+        return paths[0].parent if len(layout) == 2 else paths[0]
+    raise ValueError(
+        f"{repo_id!r} (revision {revision or 'main'}) gave no UniTok checkpoint: {'; '.join(tried)}. "
+        "Offline (HF_HUB_OFFLINE=1 or local_files_only=True) only files already in the Hub cache are found."
+    )
+
+
+def render_model_card(
+    config: TokenizerConfig, repo_id: str | None = None, num_parameters: int | None = None
+) -> str:
+    """The ``README.md`` model card ``save_pretrained`` writes: Hub metadata, the sizes, how to load, citation."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name=HUB_LIBRARY_NAME,
+        tags=["unitok", "image-tokenizer", "vector-quantization", "clip", "multi-codebook-quantization"],
+        pipeline_tag="image-feature-extraction",
+    )
+    name = repo_id or "this folder"
+    load_from = repr(repo_id) if repo_id else '"path/to/this/folder"'
+    grid = config.grid_size
+    rows = [
+        ("image size", f"{config.image_size} px (inputs in [-1,1], mean/std 0.5)"),
+        ("code grid", f"{grid} x {grid} positions x {config.num_codebooks} codes ({config.quantizer})"),
+        (
+            "sub-codebooks",
+            f"{config.num_codebooks} x {config.codebook_size} entries x {config.code_dim} dims",
+        ),
+        ("encoder / decoder", f"width {config.width}, {config.depth} / {config.decoder_depth} ViT blocks"),
+        (
+            "CLIP text tower",
+            f"width {config.text_width}, {config.text_layers} layers; embedding {config.embed_dim}",
+        ),
+    ]
+    if num_parameters is not None:
+        rows.append(("parameters", f"{num_parameters / 1e6:.1f} M"))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return f"""---
+{data.to_yaml()}
+---
+
+# UniTok tokenizer: {name}
+
+A UniTok visual tokenizer (arXiv 2502.20321): one discrete tokenizer for image generation (codes to pixels)
+and understanding (CLIP features of the quantized tokens). Weights in `model.safetensors`, the full
+`TokenizerConfig` in `config.json`.
+
+| | |
+|---|---|
+{table}
+
+## Use
+
+```python
+from unitok.tokenizer import UniTok
+from unitok.tokenizer.preprocess import load_image
+
+tok = UniTok.from_pretrained({load_from})
+img = load_image("cat.jpg", size={config.image_size})[None]  # [1,3,H,W] in [-1,1]
+codes = tok.encode(img)  # LongTensor [1,{grid},{grid},{config.num_codebooks}]
+recon = tok.decode(codes)  # [1,3,H,W] in [-1,1]
+```
+
+## Citation
+
+```bibtex
+@inproceedings{{ma2025unitok,
+  title     = {{UniTok: A Unified Tokenizer for Visual Generation and Understanding}},
+  author    = {{Ma, Chuofan and Jiang, Yi and Wu, Junfeng and Yang, Jihan and Yu, Xin and Yuan, Zehuan and Peng, Bingyue and Qi, Xiaojuan}},
+  booktitle = {{Advances in Neural Information Processing Systems}},
+  year      = {{2025}},
+  eprint    = {{2502.20321}},
+  archivePrefix = {{arXiv}}
+}}
+```
+"""

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +33,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import (
+    MODEL_CARD_NAME,
     clip_to_unitok_state_dict,
     config_from_release_args,
+    download_checkpoint,
+    is_hub_id,
     load_directory,
     read_release_checkpoint,
     read_state_dict,
+    render_model_card,
     save_directory,
 )
 from .config import TokenizerConfig
@@ -302,9 +307,48 @@ class UniTok(nn.Module):
     # ---------------------------------------------------------------------------------------------
     # weights
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (each file replaced atomically)."""
-        return save_directory(directory, self.config, self.state_dict())
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, model_card: bool = False, repo_id: str | None = None
+    ) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (each file replaced atomically).
+
+        With ``model_card=True`` (as ``push_to_hub`` does) a ``README.md`` model card is written too (Hub
+        metadata, sizes, usage, citation; ``repo_id`` names the model in it), unless the folder has one.
+        """
+        directory = save_directory(directory, self.config, self.state_dict())
+        card = directory / MODEL_CARD_NAME
+        if model_card and not card.exists():
+            num_parameters = sum(p.numel() for p in self.parameters())
+            card.write_text(render_model_card(self.config, repo_id, num_parameters), encoding="utf-8")
+        return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload UniTok tokenizer",
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload ``save_pretrained`` output (config, weights, model card) to the Hub repository ``repo_id``.
+
+        The repository is created if needed. Returns huggingface_hub's ``CommitInfo``.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, model_card=True, repo_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
@@ -312,12 +356,30 @@ class UniTok(nn.Module):
         path: str | os.PathLike,
         config: TokenizerConfig | None = None,
         allow_unsafe_pickle: bool = False,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
     ) -> UniTok:
-        """Load our directory format or a released-format ``.pth`` (``{"args", "trainer": {"unitok"}}``), strictly.
+        """Load our directory format, a released-format ``.pth`` or a Hub repository ``"owner/name"``, strictly.
 
         ``config`` overrides the architecture read from the checkpoint. Pickles are read with
         ``weights_only=True``; ``allow_unsafe_pickle=True`` permits a full unpickle of a trusted file.
+        A ``path`` that is not a local file or folder but reads as ``owner/name`` is fetched from the Hugging
+        Face Hub (our layout, or the released ``unitok_tokenizer.pth``) with ``revision``, ``cache_dir``,
+        ``token``, ``force_download`` and ``local_files_only``; ``HF_HUB_OFFLINE=1`` uses the local cache only.
         """
+        if is_hub_id(path):
+            path = download_checkpoint(
+                str(path),
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                force_download=force_download,
+                local_files_only=local_files_only,
+            )
         path = Path(path)
         if path.is_dir():
             stored_config, state_dict = load_directory(path)
@@ -325,7 +387,9 @@ class UniTok(nn.Module):
             args, state_dict = read_release_checkpoint(path, allow_unsafe_pickle)
             stored_config = config or config_from_release_args(args)
         else:
-            raise FileNotFoundError(f"no UniTok checkpoint at {path}")
+            raise FileNotFoundError(
+                f"no UniTok checkpoint at {path} (expected a save_pretrained folder, a .pth file or a Hub id owner/name)"
+            )
         model = cls(config or stored_config)
         model.load_state_dict(state_dict, strict=True)
         return model.eval()
