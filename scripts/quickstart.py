@@ -28,6 +28,9 @@ from pathlib import Path
 logger = logging.getLogger("unitok.quickstart")
 
 RUN_CONFIG = "unitok-tiny-synth"
+# The quick start's world (fields of unitok.data.synth.SynthConfig): every shape and colour, 1-3 objects,
+# 64 px; 7200 train / 400 val / 400 test scenes and 40 single-object scenes per class and split.
+WORLD: dict = {"num_images": 8000, "size": 64, "seed": 0, "max_objects": 3, "classify_per_class": 40}
 STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "generation", "report")
 QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "existence")
 # (name in report.json, how the report says it, target, unit); every one is measured on held-out data.
@@ -55,7 +58,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="rerun this stage even when its output exists (repeatable); the others are reused",
     )
     parser.add_argument(
-        "--num-images", type=int, default=None, help="synthetic images (default: the config's)"
+        "--num-images", type=int, default=None, help=f"synthetic images (default {WORLD['num_images']})"
+    )
+    parser.add_argument(
+        "--world",
+        dest="world_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="synthetic-world override (fields of unitok.data.synth.SynthConfig, e.g. size=32)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help="tokenizer training steps (default: the config's)"
@@ -93,6 +104,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="score only this many GenEval prompts (spread over tags)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("commands", "library"),
+        default=None,
+        help="MLLM stages through the unitok commands (default when installed) or direct library calls",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -120,9 +137,14 @@ class Pipeline:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        from unitok.data.synth import SynthConfig
+
+        # The world stage writes the world before the tokenizer stage reads it (no data.synth needed).
         overrides = [f"output_dir={self.out / 'tokenizer'}", f"data.path={self.out / 'world'}"]
+        world = {**WORLD, **_parse_fields(SynthConfig, args.world_overrides)}
         if args.num_images is not None:
-            overrides.append(f"data.synth.num_images={args.num_images}")
+            world["num_images"] = args.num_images
+        self.synth = SynthConfig(**world)
         if args.steps is not None:
             overrides.append(f"train.total_steps={args.steps}")
         self.config = load_run_config(args.config, overrides + args.overrides)
@@ -131,6 +153,10 @@ class Pipeline:
         self.rerun = set(args.stage)
         self.records: dict[str, dict] = {}
         self.progress = not args.no_progress
+        from unitok.scripts.quickstart_mllm import commands_available
+
+        self.engine = args.engine or ("commands" if commands_available() else "library")
+        logger.info("MLLM stages through %s", self.engine)
 
     # paths
     @property
@@ -144,10 +170,6 @@ class Pipeline:
     @property
     def codes_dir(self) -> Path:
         return self.out / "codes"
-
-    @property
-    def mllm_dir(self) -> Path:
-        return self.out / "mllm"
 
     def _record_path(self, name: str) -> Path:
         return self.out / "stages" / f"{name}.json"
@@ -176,9 +198,9 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def stage_world(self) -> dict:
-        from unitok.data.synth import SynthConfig, generate_world
+        from unitok.data.synth import generate_world
 
-        synth = SynthConfig(**(self.config.data.synth or {}))
+        synth = self.synth
         if not (self.world / "metadata.json").exists() or "world" in self.rerun:
             logger.info(
                 "writing the synthetic world (%d images at %d px) to %s",
@@ -230,60 +252,67 @@ class Pipeline:
         }
 
     def stage_codes(self) -> dict:
-        from unitok.scripts.quickstart_mllm import extract_codes
+        from unitok.scripts import quickstart_mllm as qm
 
-        return extract_codes(self.tokenizer_dir, self.world, self.codes_dir)
+        if self.engine == "commands":
+            return qm.extract_codes_command(self.tokenizer_dir, self.world, self.codes_dir, self.progress)
+        return qm.extract_codes(self.tokenizer_dir, self.world, self.codes_dir)
 
     def stage_mllm(self) -> dict:
-        from unitok.scripts.quickstart_mllm import train_mllm
+        from unitok.scripts import quickstart_mllm as qm
 
-        return train_mllm(
-            self.tokenizer_dir, self.world, self.codes_dir, self.mllm_dir, self.mllm_recipe, self.progress
+        if self.engine == "commands":
+            return qm.train_mllm_command(self.codes_dir, self.out / "mllm", self.mllm_recipe, self.progress)
+        return qm.train_mllm(
+            self.tokenizer_dir, self.world, self.codes_dir, self.out / "mllm", self.mllm_recipe, self.progress
         )
 
-    def stage_vqa(self) -> dict:
-        from unitok.scripts.quickstart_mllm import eval_vqa_library
+    @property
+    def mllm_dir(self) -> Path:
+        """The trained MLLM (from the mllm stage's record)."""
+        return Path(self.records["mllm"]["result"]["dir"])
 
-        result = eval_vqa_library(self.mllm_dir, self.world, self.codes_dir)
+    def stage_vqa(self) -> dict:
+        from unitok.scripts import quickstart_mllm as qm
+
+        if self.engine == "commands":
+            result = qm.eval_vqa_command(self.mllm_dir, self.world, self.out / "vqa")
+        else:
+            result = qm.eval_vqa_library(self.mllm_dir, self.world, self.codes_dir)
         _save_qa_examples(self.out, self.world, result["examples"])
         result["example_images"] = "qa_examples"
         return result
 
     def stage_generation(self) -> dict:
-        from unitok.mllm import UniTokMLLM
-        from unitok.scripts.quickstart_mllm import (
-            generate_for_prompts,
-            geneval_prompts,
-            score_geneval_library,
-        )
+        from unitok.scripts import quickstart_mllm as qm
 
-        metas = geneval_prompts(self.world)
-        if self.args.max_prompts is not None:
-            metas = _spread(metas, self.args.max_prompts)
-        model = UniTokMLLM.from_pretrained(self.mllm_dir).eval()
-        images = generate_for_prompts(model, [m["prompt"] for m in metas], self.sampling)
-        scores = score_geneval_library(metas, images)
-        _save_generation_grid(self.out / "generated.png", metas, images)
-        return {**scores, "sampling": asdict(self.sampling), "grid": "generated.png", "via": "library"}
+        if self.engine == "commands":
+            result = qm.eval_geneval_command(
+                self.mllm_dir, self.world, self.out / "generation", self.sampling, self.args.max_prompts
+            )
+            metas, images = result.pop("metas"), result.pop("images")
+        else:
+            from unitok.mllm import UniTokMLLM
+
+            metas = qm.geneval_prompts(self.world)
+            if self.args.max_prompts is not None:
+                metas = qm._spread(metas, self.args.max_prompts)
+            model = UniTokMLLM.from_pretrained(self.mllm_dir).eval()
+            images = qm.generate_for_prompts(model, [m["prompt"] for m in metas], self.sampling)
+            result = {
+                **qm.score_geneval_library(metas, images),
+                "sampling": asdict(self.sampling),
+                "via": "library",
+            }
+        _save_generation_grid(self.out / "generated.png", *_grid_rows(metas, images))
+        result["grid"] = "generated.png"
+        return result
 
     def stage_report(self) -> dict:
         return {"report": str(write_report(self.out, self.records))}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def _spread(items: list[dict], n: int) -> list[dict]:
-    """``n`` items taken round-robin over the tags (all when n is at least the total)."""
-    by_tag: dict[str, list[dict]] = {}
-    for item in items:
-        by_tag.setdefault(item["tag"], []).append(item)
-    picked: list[dict] = []
-    while len(picked) < min(n, len(items)):
-        for group in by_tag.values():
-            if group and len(picked) < n:
-                picked.append(group.pop(0))
-    return picked
 
 
 def _evaluate_tokenizer(final_dir: Path, world: Path, report_dir: Path, eval_images: int) -> dict:
@@ -325,6 +354,18 @@ def _save_qa_examples(out: Path, world: Path, rows: list[dict], n: int = 4) -> N
             break
         with Image.open(world / "images" / "test" / f"{row['id']}.png") as im:
             _upscale(im.convert("RGB")).save(folder / f"{row['id']}.png")
+
+
+def _grid_rows(metas: list[dict], images: list[list], per_tag: int = 2) -> tuple[list[dict], list[list]]:
+    """The first ``per_tag`` prompts of every tag with their images."""
+    taken: dict[str, int] = {}
+    rows_m, rows_i = [], []
+    for meta, imgs in zip(metas, images):
+        if taken.get(meta["tag"], 0) < per_tag:
+            taken[meta["tag"]] = taken.get(meta["tag"], 0) + 1
+            rows_m.append(meta)
+            rows_i.append(imgs)
+    return rows_m, rows_i
 
 
 def _save_generation_grid(path: Path, metas: list[dict], images: list[list], n: int = 12) -> None:
@@ -465,11 +506,14 @@ def write_report(out: Path, records: dict[str, dict]) -> Path:
             )
         lines.append("")
     if gen:
+        sampling = gen.get("sampling", {})
+        per_prompt = sampling.get("n_samples", sampling.get("images_per_prompt"))
         lines += [
             "## Text to image",
             "",
-            f"{gen['prompts']} GenEval prompts of the world, {gen['sampling']['images_per_prompt']} images each "
-            f"(cfg {gen['sampling']['cfg_scale']}, temperature {gen['sampling']['temperature']}); overall "
+            f"{gen['prompts']} GenEval prompts of the world, {per_prompt} images each "
+            f"(cfg {sampling.get('cfg_scale')}, temperature {sampling.get('temperature')}, top-k "
+            f"{sampling.get('top_k')}, top-p {sampling.get('top_p')}); overall "
             f"{gen['overall']:.3f}; per tag: " + ", ".join(f"{k} {v:.2f}" for k, v in gen["per_tag"].items()),
             "",
             "Prompts (left) and generated images:",

@@ -31,18 +31,18 @@ class MLLMRecipe:
     """The quick start's MLLM: a small random-init Llama on the tiny word-level vocabulary, trained from
     scratch on the world's question/answer pairs (image -> text) and captions (text -> image codes)."""
 
-    hidden: int = 128
-    layers: int = 4
+    hidden: int = 96
+    layers: int = 3
     heads: int = 4
-    intermediate: int = 384
-    depth_width: int = 128
+    intermediate: int = 256
+    depth_width: int = 96
     depth_layers: int = 2
     depth_heads: int = 4
-    steps: int = 1500
+    steps: int = 800
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.0
-    warmup: int = 50
+    warmup: int = 50  # library path only; the command uses its preset's warmup ratio
     # Fraction of each batch that is text -> image (the rest: one question about one image).
     generation_fraction: float = 0.5
     cfg_dropout: float = 0.1
@@ -53,10 +53,11 @@ class MLLMRecipe:
 class SamplingRecipe:
     """Text-to-image sampling settings of the quick start's GenEval run."""
 
-    cfg_scale: float = 3.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    # None: the default of ``unitok eval-geneval`` (the synthetic GenEval target is set at those).
+    cfg_scale: float | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
     images_per_prompt: int = 4
     seed: int = 0
 
@@ -297,10 +298,10 @@ def generate_for_prompts(model, prompts: list[str], sampling: SamplingRecipe, ba
     for start in tqdm(range(0, len(flat), batch), desc="generate", leave=False):
         out = model.generate_images(
             flat[start : start + batch],
-            cfg_scale=sampling.cfg_scale,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
+            cfg_scale=1.0 if sampling.cfg_scale is None else sampling.cfg_scale,
+            temperature=1.0 if sampling.temperature is None else sampling.temperature,
+            top_k=sampling.top_k or 0,
+            top_p=1.0 if sampling.top_p is None else sampling.top_p,
             seed=sampling.seed + start,
         )
         images.extend(out.images)
@@ -360,3 +361,227 @@ def score_geneval_library(metas: list[dict], images: list[list]) -> dict:
         "prompts": len(metas),
         "rows": rows,
     }
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+COMMANDS: tuple[str, ...] = ("extract-codes", "train-mllm", "eval-vqa", "eval-geneval")
+MLLM_PRESET = "mllm-tiny-synth"
+
+
+def commands_available() -> bool:
+    """True when every command the MLLM stages call is installed."""
+    return all(command_module(name) is not None for name in COMMANDS)
+
+
+def _run_command(name: str, argv: list[str]) -> None:
+    module = command_module(name)
+    logger.info("unitok %s %s", name, " ".join(argv))
+    status = module.main(argv, prog=f"unitok {name}")
+    if status:
+        raise RuntimeError(f"unitok {name} failed with exit status {status} (arguments: {argv})")
+
+
+def extract_codes_command(tokenizer_dir: Path, world: Path, out: Path, progress: bool) -> dict:
+    """``unitok extract-codes`` for the world's train and test splits (one code store each)."""
+    from unitok.data.codes import store_summary
+
+    result = {}
+    for split in ("train", "test"):
+        argv = ["--tokenizer", str(tokenizer_dir), "--data", str(world), "--out", str(out / split)]
+        argv += ["--split", split, "--workers", "0", *([] if progress else ["--no-progress"])]
+        _run_command("extract-codes", argv)
+        result[split] = store_summary(out / split)
+    images = {split: int(summary["rows"]) for split, summary in result.items()}
+    return {"stores": result, "images": images, "dir": str(out), "via": "unitok extract-codes"}
+
+
+def mllm_overrides(recipe: MLLMRecipe) -> list[str]:
+    """``unitok train-mllm`` overrides that give the ``mllm-tiny-synth`` preset this recipe."""
+    llm = {
+        "hidden_size": recipe.hidden,
+        "num_hidden_layers": recipe.layers,
+        "num_attention_heads": recipe.heads,
+        "num_key_value_heads": recipe.heads,
+        "intermediate_size": recipe.intermediate,
+        "max_position_embeddings": 1024,
+    }
+    return [
+        f"model.config.llm={json.dumps(llm)}",
+        f"model.config.depth_width={recipe.depth_width}",
+        f"model.config.depth_layers={recipe.depth_layers}",
+        f"model.config.depth_heads={recipe.depth_heads}",
+        f"model.config.cfg_dropout={recipe.cfg_dropout}",
+        f"data.mixture={json.dumps({'understanding': 1 - recipe.generation_fraction, 'generation': recipe.generation_fraction})}",
+        f"data.seed={recipe.seed}",
+        f"training.max_steps={recipe.steps}",
+        f"training.per_device_train_batch_size={recipe.batch}",
+        f"training.learning_rate={recipe.lr}",
+        f"training.weight_decay={recipe.weight_decay}",
+        f"training.seed={recipe.seed}",
+        f"training.save_steps={max(recipe.steps, 1)}",
+        "training.report_to=[]",
+    ]
+
+
+def train_mllm_command(codes_dir: Path, out: Path, recipe: MLLMRecipe, progress: bool) -> dict:
+    """``unitok train-mllm --config mllm-tiny-synth`` on the train code store, with this recipe."""
+    from unitok.mllm.train import train
+    from unitok.mllm.training.config import load_run_config
+
+    overrides = [
+        f"output_dir={json.dumps(str(out))}",
+        f"data.stores={json.dumps([str(codes_dir / 'train')])}",
+    ]
+    overrides += mllm_overrides(recipe)
+    if not progress:
+        overrides.append("training.disable_tqdm=true")
+    logger.info("unitok train-mllm --config %s %s", MLLM_PRESET, " ".join(f"--set {o}" for o in overrides))
+    started = time.perf_counter()
+    result = train(load_run_config(MLLM_PRESET, overrides))
+    history = [
+        {k: h[k] for k in ("step", "loss", "text_loss", "code_loss", "learning_rate") if k in h}
+        for h in result.log_history
+        if "loss" in h
+    ]
+    from unitok.mllm import UniTokMLLM
+
+    model = UniTokMLLM.from_pretrained(result.final_dir)
+    return {
+        "dir": str(result.final_dir),
+        "recipe": asdict(recipe),
+        "parameters": sum(p.numel() for _, p in model.trainable_parameters()),
+        "history": history,
+        "final": history[-1] if history else {},
+        "steps": result.global_step,
+        "train_seconds": time.perf_counter() - started,
+        "command": f"unitok train-mllm --config {MLLM_PRESET} " + " ".join(f"--set '{o}'" for o in overrides),
+        "via": "unitok train-mllm",
+    }
+
+
+def eval_vqa_command(model_dir: Path, world: Path, out: Path, batch: int = 64) -> dict:
+    """``unitok eval-vqa --tasks synth_vqa`` (lmms-eval) on the world's test questions."""
+    argv = ["--model", str(model_dir), "--tasks", "synth_vqa", "--data", str(world), "--out", str(out)]
+    argv += ["--batch-size", str(batch), "--device", "cpu", "--no-cache"]
+    _run_command("eval-vqa", argv)
+    report = json.loads((out / "results.json").read_text())
+    metrics = report["tasks"]["synth_vqa"]
+    scale = 100.0  # lmms-eval's synth_vqa aggregations are fractions
+    questions = [
+        json.loads(line)
+        for f in sorted((out / "lmms_tasks").glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+        if line.strip()
+    ]
+    samples = [
+        json.loads(line)
+        for line in (out / "samples_synth_vqa.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
+    rows = []
+    for sample in samples:
+        doc = (
+            questions[sample["doc_id"]]
+            if sample.get("doc_id") is not None and sample["doc_id"] < len(questions)
+            else {}
+        )
+        rows.append(
+            {
+                "id": Path(doc.get("image", "")).stem,
+                "image": doc.get("image"),
+                "kind": doc.get("kind"),
+                "question": doc.get("question"),
+                "answer": sample.get("target"),
+                "prediction": sample.get("prediction"),
+                "correct": normalise_answer(str(sample.get("prediction", "")))
+                == normalise_answer(str(sample.get("target", ""))),
+            }
+        )
+    per_type = {
+        k: scale * metrics[k]
+        for k in ("color", "shape", "count", "position", "existence")
+        if metrics.get(k) is not None
+    }
+    return {
+        "overall": scale * metrics["overall"],
+        "per_type": per_type,
+        "questions": report["questions"]["synth_vqa"],
+        "examples": rows[:40],
+        "results": str(out / "results.json"),
+        "via": "unitok eval-vqa (lmms-eval)",
+    }
+
+
+def eval_geneval_command(
+    model_dir: Path, world: Path, out: Path, sampling: SamplingRecipe, limit: int | None
+) -> dict:
+    """``unitok eval-geneval --scorer synthetic`` on the world's GenEval prompts."""
+    prompts = world / "geneval" / "evaluation_metadata.jsonl"
+    if limit is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        lines = _spread(geneval_prompts(world), limit)
+        prompts = out.parent / "geneval_prompts_subset.jsonl"
+        prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["--model", str(model_dir), "--prompts", str(prompts), "--out", str(out), "--scorer", "synthetic"]
+    argv += [
+        "--n-samples",
+        str(sampling.images_per_prompt),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    for name, flag in (
+        ("cfg_scale", "--cfg-scale"),
+        ("temperature", "--temperature"),
+        ("top_k", "--top-k"),
+        ("top_p", "--top-p"),
+    ):
+        value = getattr(sampling, name)
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--seed", str(sampling.seed)]
+    _run_command("eval-geneval", argv)
+    report = json.loads((out / "results.json").read_text())
+    score = report["score"]
+    metas, images = read_geneval_folder(out)
+    return {
+        "overall": score["overall"],
+        "per_tag": score.get("tags", {}),
+        "prompts": len(metas),
+        "sampling": report.get("sampling", {}),
+        "results": str(out / "results.json"),
+        "metas": metas,
+        "images": images,
+        "via": "unitok eval-geneval --scorer synthetic",
+    }
+
+
+def read_geneval_folder(out: Path) -> tuple[list[dict], list[list]]:
+    """Metadata and the PIL images of every prompt folder ``<index:05d>`` of a GenEval image folder."""
+    from PIL import Image
+
+    metas, images = [], []
+    for d in sorted(p for p in out.iterdir() if p.is_dir() and p.name.isdigit()):
+        metas.append(json.loads((d / "metadata.jsonl").read_text().splitlines()[0]))
+        imgs = []
+        for path in sorted((d / "samples").glob("*.png")):
+            with Image.open(path) as im:
+                imgs.append(im.convert("RGB"))
+        images.append(imgs)
+    return metas, images
+
+
+def _spread(items: list[dict], n: int) -> list[dict]:
+    """``n`` items taken round-robin over the tags (all when n is at least the total)."""
+    by_tag: dict[str, list[dict]] = {}
+    for item in items:
+        by_tag.setdefault(item["tag"], []).append(item)
+    picked: list[dict] = []
+    while len(picked) < min(n, len(items)):
+        for group in by_tag.values():
+            if group and len(picked) < n:
+                picked.append(group.pop(0))
+    return picked

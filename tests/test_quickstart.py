@@ -2,6 +2,7 @@
 second call reuses every stage while ``--stage`` reruns one."""
 
 import json
+from pathlib import Path
 
 from unitok.scripts import quickstart
 
@@ -23,7 +24,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = [
         "--out", str(out), "--num-images", "120", "--steps", "2", "--eval-images", "8",
-        "--set", "data.synth.size=32", "--set", "data.synth.classify_per_class=2",
+        "--world", "size=32", "--world", "classify_per_class=2",
         "--set", "data.num_workers=0", "--set", "model.overrides.image_size=32",
         "--set", "train.local_batch_size=4", "--set", "logging.progress_bar=false",
         "--set", "logging.tensorboard=false", "--set", "train.cpu_threads=1",
@@ -53,7 +54,8 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
     for image in ("reconstructions.png", "generated.png"):
         assert (out / image).is_file()
     assert list((out / "qa_examples").glob("*.png"))
-    assert (out / "mllm" / "config.json").is_file()
+    assert (Path(results["mllm"]["dir"]) / "config.json").is_file()
+    assert f"unitok demo --model {results['mllm']['dir']}" in report
 
     # A second call reuses every stage; --stage reruns only the one named.
     before = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
