@@ -296,8 +296,8 @@ def extract_codes(
     (out / SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
     unitok = UniTok.from_pretrained(tokenizer)
     plan = Plan(data, image_root, shard_size, split)
-    if rank == 0:
-        _write_store_info(out, plan, unitok, str(tokenizer))
+    # Every rank writes (the same) store.json, so a store is described even if rank 0 has not started yet.
+    _write_store_info(out, plan, unitok, str(tokenizer))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     unitok = unitok.to(dev).eval()
