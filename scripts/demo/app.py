@@ -185,7 +185,9 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
                         )
                         chat_top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
                 with gr.Column(scale=2):
-                    chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
+                    chatbot = gr.Chatbot(
+                        label="Conversation", height=420, buttons=["copy", "copy_all"], elem_id="chatbot"
+                    )
                     question = gr.Textbox(
                         label="Question",
                         placeholder="Ask about the image, then press Enter",
@@ -204,6 +206,8 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
             for event in (send.click, question.submit):
                 event(handlers.chat, chat_inputs, [question, chatbot, history], **queued)
             clear.click(lambda: ([], [], ""), None, [chatbot, history, question], queue=False)
+            # The chatbot's own trash button empties the display; the kept history must follow.
+            chatbot.clear(lambda: [], None, history, queue=False)
 
         with gr.Tab("Text to image", id="t2i"):
             with gr.Row():
