@@ -195,6 +195,8 @@ def test_eval_vqa_synth_end_to_end(world, model_dir, tmp_path):
     # The reported overall accuracy is the normalised exact match of the logged predictions.
     right = sum(vqa.normalize_answer(s["prediction"]) == vqa.normalize_answer(s["target"]) for s in samples)
     assert metrics["overall"] == pytest.approx(right / n_questions)
+    kinds = {qa["kind"] for c in captions for qa in c["qa"]}
+    assert {s["kind"] for s in samples} == kinds and all(Path(s["image"]).is_file() for s in samples)
     assert report["throughput"]["questions_per_second"] > 0
     assert "synth_vqa" in (out / "results.md").read_text()
 

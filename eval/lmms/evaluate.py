@@ -217,6 +217,8 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Document fields copied into samples_<task>.jsonl beside each prediction.
+_SAMPLE_DOC_KEYS = ("question_id", "question", "kind", "answer_type", "image", "category")
 _SYNTH_ROWS = ("overall", "color", "shape", "count", "position", "existence", "yes_no", "number", "other")
 
 
@@ -315,6 +317,8 @@ def run(args: argparse.Namespace) -> dict:
         with open(out / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
             for s in samples.get(task, []):
                 row = {"doc_id": s.get("doc_id"), "target": s.get("target"), "prediction": _prediction(s)}
+                doc = s.get("doc") or {}
+                row.update({k: doc[k] for k in _SAMPLE_DOC_KEYS if isinstance(doc.get(k), str | int | float)})
                 f.write(json.dumps(_clean(row)) + "\n")
     write_json_atomic(out / "results.json", report)
     (out / "results.md").write_text(format_markdown(report), encoding="utf-8")

@@ -74,8 +74,8 @@ class UniTokLMMS(lmms):
 
             self.accelerator = Accelerator()
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            if device is None and torch.cuda.is_available():
-                device = f"cuda:{self.accelerator.local_process_index}"
+            if device is None:
+                device = str(self.accelerator.device)
         device = device or default_device()
         if model is None:
             if pretrained is None:
