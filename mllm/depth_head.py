@@ -238,6 +238,13 @@ class LlamaDepthHead(nn.Module):
             raise ValueError(
                 f"expected codes [N={hidden_NH.shape[0]}, K={self.num_codebooks}], got {list(codes_NK.shape)}"
             )
+        if hidden_NH.shape[0] == 0:
+            # No positions (a text-only batch): run one dummy row so that every parameter stays in the graph
+            # (with zero gradient), as distributed training needs; the result is still [0,K,V].
+            dummy = self.forward(
+                hidden_NH.new_zeros(1, hidden_NH.shape[1]), codes_NK.new_zeros(1, self.num_codebooks)
+            )
+            return dummy[:0] + 0.0 * dummy.sum()
         x = torch.stack([self._step_input(k, hidden_NH, codes_NK) for k in range(self.num_codebooks)], dim=1)
         return self.linear_head(self._run(x, 0, None))
 

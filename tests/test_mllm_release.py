@@ -302,3 +302,14 @@ def test_release_architecture_round_trips_through_our_checkpoint(model, tmp_path
     assert torch.equal(
         generate_image_codes(model, PROMPTS, **kwargs), generate_image_codes(loaded, PROMPTS, **kwargs)
     )
+
+
+def test_text_only_batch_keeps_every_part_in_the_graph(unitok):
+    from unitok.mllm import TextSample
+
+    model = tiny_release_mllm(unitok).train()
+    out = model(MLLMCollator(model.builder)([TextSample("a red circle"), TextSample("blue")]))
+    out.loss.backward()
+    assert out.num_code_targets == 0 and out.code_loss.item() == 0.0
+    assert all(p.grad is not None for _, p in model.trainable_parameters())
+    assert not any(n.startswith("projector.quantizer.") for n, _ in model.trainable_parameters())
