@@ -5,14 +5,19 @@
   optional ``{key}.json``), iterable, split by DDP rank and then by DataLoader worker. Read with the
   standard library's ``tarfile`` in streaming mode (no dependency on the ``webdataset`` package's
   pipeline API, whose defaults change between versions); members are grouped into samples by the
-  WebDataset rule (key = path up to the first dot of the file name).
+  WebDataset rule (key = path up to the first dot of the file name). Shards may be local paths or
+  URLs: ``http(s)://``, ``pipe:CMD``, ``gs://``, ``hf://`` ... open through webdataset's ``gopen``,
+  other schemes (``s3://``) through fsspec (with its filesystem package, e.g. ``s3fs``).
 - ``ClassFolder``: ImageNet-style ``root/{class}/*.png``, returns ``(img, label)``, classes sorted.
 - ``read_conversations``: LLaVA conversation JSON (or JSON lines), validated.
 - ``read_geneval_prompts``: GenEval ``evaluation_metadata.jsonl``, validated.
 
-Bad data never crashes a reader: an unreadable image, a missing caption or a bad JSON line is
-skipped and counted in the reader's ``SkipCounter`` (``.skipped``), with a rate-limited warning.
-Map-style datasets replace a bad sample by the next readable index. Counts are per process: with
+Bad data never crashes a reader: an unreadable image (whatever the decoder raises, Pillow's
+``DecompressionBombError`` for a huge declared size included), a missing caption, a bad JSON line or
+a truncated shard (also one cut exactly between two members) is skipped and counted in the reader's
+``SkipCounter`` (``.skipped``), with a rate-limited warning. Map-style training datasets replace a bad
+sample by the next readable index; for evaluation (``replace_bad=False``) they return ``None`` so that
+no image is counted twice. JSON lines may start with a UTF-8 byte-order mark. Counts are per process: with
 DataLoader workers each worker counts (and logs) its own skips.
 """
 
@@ -23,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -79,10 +85,14 @@ def _is_power_of_ten(n: int) -> bool:
 
 
 def _open_image(source: str | Path | bytes) -> Image.Image:
-    """Decode fully (so truncation shows now, not later in a transform) and convert to RGB."""
-    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    image.load()
-    return to_rgb(image)
+    """Decode fully (so truncation shows now, not later in a transform) and convert to RGB.
+
+    Any exception means "unreadable": decoders raise many kinds (OSError, SyntaxError, ValueError,
+    Pillow's DecompressionBombError, struct.error, ...), and readers skip the file whichever it is.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.load()
+        return to_rgb(image)
 
 
 def _encode_text(text: str, tokenizer: TextTokenizer | None) -> Any:
@@ -97,7 +107,9 @@ class ImageTextFolder(Dataset):
     Yields ``(img_3HW float in [-1, 1] (or what ``transform`` returns), caption str)``, or the
     caption's token ids when ``tokenizer`` (``list[str] -> [1, L]``) is given.
     Lines that are not JSON, or lack the image path or a non-empty caption, are skipped at load;
-    unreadable images are replaced by the next readable index. See ``.skipped``.
+    unreadable images are replaced by the next readable index, or with ``replace_bad=False`` (for
+    evaluation: no image counted twice) returned as ``None``. See ``.skipped``. Relative image paths
+    are resolved against ``root``; absolute paths and paths leading out of ``root`` are allowed.
     """
 
     def __init__(
@@ -108,9 +120,11 @@ class ImageTextFolder(Dataset):
         tokenizer: TextTokenizer | None = None,
         image_key: str = "image",
         caption_key: str = "caption",
+        replace_bad: bool = True,
     ) -> None:
         self.root = Path(root)
         self.split = split
+        self.replace_bad = replace_bad
         self.transform = transform or to_pm1
         self.tokenizer = tokenizer
         path = self.root / "captions" / f"{split}.jsonl"
@@ -132,20 +146,23 @@ class ImageTextFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, index: int) -> tuple[Any, Any] | None:
         for offset in range(len(self.samples)):
             path, text = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = _open_image(path)
-            except (OSError, ValueError, SyntaxError) as err:
-                self.skipped.skip("bad_image", f"{path}: {err}")
+            except Exception as err:
+                self.skipped.skip("bad_image", f"{path}: {type(err).__name__}: {err}")
+                if not self.replace_bad:
+                    return None
                 continue
             return self.transform(image), _encode_text(text, self.tokenizer)
         raise RuntimeError(f"no readable image in {self.root} split {self.split!r} ({self.skipped})")
 
 
 def _json_lines(path: Path, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark (as some editors write) would otherwise break the first line.
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -160,12 +177,46 @@ def _json_lines(path: Path, counter: SkipCounter) -> Iterator[tuple[int, dict]]:
             yield lineno, row
 
 
+_URL = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]+://)")
+
+
+def is_url(shard: str) -> bool:
+    """Whether ``shard`` is a URL (``scheme://...`` or ``pipe:CMD``) rather than a local path."""
+    return bool(_URL.match(str(shard))) and not str(shard).startswith("file://")
+
+
+def open_shard(shard: str):
+    """A binary stream of one shard: a local file, a ``gopen`` URL (``http(s)``, ``pipe:``, ``gs``, ``hf``,
+    ...) or an fsspec URL (``s3://`` and other schemes gopen lacks)."""
+    shard = str(shard)
+    if shard.startswith("file://"):
+        shard = shard[len("file://") :]
+    if not is_url(shard):
+        return open(shard, "rb")
+    from webdataset.gopen import gopen, gopen_schemes
+
+    scheme = "pipe" if shard.startswith("pipe:") else shard.split("://", 1)[0]
+    if scheme in gopen_schemes:
+        return gopen(shard, "rb")
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"reading {shard} needs fsspec (pip install fsspec s3fs)") from None
+    return fsspec.open(shard, "rb").open()
+
+
 def expand_urls(urls: str | Path | list[str | Path]) -> list[str]:
-    """Shard paths from a brace pattern (``train-{000000..000009}.tar``), a glob, a folder of .tar, or a list."""
+    """Shard paths from a brace pattern (``train-{000000..000009}.tar``), a glob, a folder of .tar, or a list.
+
+    URLs (``s3://``, ``https://``, ``pipe:``) are brace-expanded only: they are not listed or globbed.
+    """
     items = urls if isinstance(urls, list | tuple) else [urls]
     found: list[str] = []
     for item in items:
         item = str(item)
+        if is_url(item):
+            found += list(braceexpand(item))
+            continue
         if os.path.isdir(item):
             found += sorted(glob.glob(os.path.join(item, "*.tar")))
             continue
@@ -287,8 +338,8 @@ class ImageTextWebDataset(IterableDataset):
             return None
         try:
             image = _open_image(image_bytes)
-        except (OSError, ValueError, SyntaxError) as err:
-            self.skipped.skip("bad_image", f"{shard}: {key}: {err}")
+        except Exception as err:
+            self.skipped.skip("bad_image", f"{shard}: {key}: {type(err).__name__}: {err}")
             return None
         out: tuple[Any, ...] = (self.transform(image), _encode_text(text, self.tokenizer))
         if self.return_json:
@@ -305,12 +356,14 @@ def iter_tar_samples(path: str, counter: SkipCounter) -> Iterator[tuple[str, dic
     """Stream ``(key, {extension: bytes})`` from a tar shard, grouping consecutive members by key.
 
     The key is the member path up to the first dot of its file name, the extension the rest (lower
-    case), as in WebDataset. A shard that cannot be opened or breaks off is counted as ``bad_shard``;
-    the samples completed before the break are still returned.
+    case), as in WebDataset. ``path`` is a local file or a URL (see ``open_shard``). A shard that cannot
+    be opened or breaks off (also exactly between two members, where ``tarfile`` itself sees a clean
+    end: the end-of-archive block is missing) is counted as ``bad_shard``; the samples completed
+    before the break are still returned.
     """
     key, members = None, {}
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -325,7 +378,11 @@ def iter_tar_samples(path: str, counter: SkipCounter) -> Iterator[tuple[str, dic
                         yield key, members
                     key, members = member_key, {}
                 members[ext.lower()] = payload
-    except (tarfile.TarError, OSError, EOFError) as err:
+            # After the last member tarfile reads one more header: a complete archive gives it a zero
+            # block; fewer than 512 bytes there means the file was cut.
+            if tar.fileobj.tell() - tar.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive block after {tar.offset} bytes (truncated?)")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
         counter.skip("bad_shard", f"{path}: {err}")
         # The sample being read when the shard broke off may be incomplete; drop it.
         return
@@ -381,8 +438,8 @@ class ClassFolder(Dataset):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = _open_image(path)
-            except (OSError, ValueError, SyntaxError) as err:
-                self.skipped.skip("bad_image", f"{path}: {err}")
+            except Exception as err:
+                self.skipped.skip("bad_image", f"{path}: {type(err).__name__}: {err}")
                 continue
             return self.transform(image), label
         raise RuntimeError(f"no readable image in {self.root} ({self.skipped})")

@@ -16,12 +16,19 @@ Determinism: image ``i`` of the world is drawn from ``numpy.random.default_rng([
 alone (classification images and prompts from their own streams), and every writer produces
 fixed bytes, so the same config gives byte-identical files whatever the number of workers.
 Images are split by index: the first ``n_train`` are train, then val, then test.
+
+Atomicity: the world is written into ``out_dir/.synth-staging-<pid>/`` and moved into place entry by
+entry, ``metadata.json`` (the world's manifest) last, under a ``.synth-commit.json`` marker listing
+the entries being moved. A run killed while generating leaves only the staging folder, one killed
+while moving leaves the marker: the next run removes either and starts over. ``overwrite`` deletes
+only the entries that an existing world's manifest lists, never a folder that no manifest claims.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -82,6 +89,9 @@ OUTPUT_ENTRIES: tuple[str, ...] = (
 # Independent random streams: rng([seed, stream, ...]).
 _STREAM_WORLD, _STREAM_CLASSIFY, _STREAM_GENEVAL = 0, 1, 2
 FORMAT_VERSION = 1
+WORLD_NAME = "unitok-synthetic-world"
+STAGING_PREFIX = ".synth-staging-"
+COMMIT_MARKER = ".synth-commit.json"
 
 
 @dataclass
@@ -261,15 +271,68 @@ def _plan(out_dir: Path, config: SynthConfig) -> tuple[list[_ShardTask], list[_C
     return shard_tasks, classify_tasks
 
 
-def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
+def _manifest_entries(out_dir: Path) -> list[str] | None:
+    """Top-level entries that the world in ``out_dir`` claims in its ``metadata.json``, or None when
+    there is no readable synthetic-world manifest."""
+    try:
+        metadata = json.loads((out_dir / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or metadata.get("name") != WORLD_NAME:
+        return None
+    entries = metadata.get("entries", list(OUTPUT_ENTRIES))
+    return [name for name in entries if name in OUTPUT_ENTRIES]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _recover(out_dir: Path) -> None:
+    """Remove what an interrupted generation left: staging folders and half-moved entries."""
+    for staging in out_dir.glob(f"{STAGING_PREFIX}*"):
+        logger.warning("removing %s, left by an interrupted generation", staging)
+        shutil.rmtree(staging, ignore_errors=True)
+    marker = out_dir / COMMIT_MARKER
+    if marker.is_file():
+        try:
+            entries = json.loads(marker.read_text(encoding="utf-8"))["entries"]
+        except (OSError, ValueError, KeyError, TypeError):
+            entries = []
+        logger.warning("removing the half-moved world in %s (%s)", out_dir, ", ".join(entries))
+        for name in entries:
+            if name in OUTPUT_ENTRIES:
+                _remove(out_dir / name)
+        marker.unlink()
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> list[str]:
+    """The entries to delete before the new world moves in (those of an existing world, with ``overwrite``)."""
     existing = [name for name in OUTPUT_ENTRIES if (out_dir / name).exists()]
-    if existing and not overwrite:
+    if not existing:
+        return []
+    claimed = _manifest_entries(out_dir)
+    if claimed is None:
+        raise FileExistsError(
+            f"{out_dir} already holds {', '.join(existing)} but no synthetic-world manifest (metadata.json) "
+            "claims them, so they are not replaced even with --overwrite; choose another --out or remove them"
+        )
+    if not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace them"
         )
-    for name in existing:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    foreign = [name for name in existing if name not in claimed]
+    if foreign:
+        raise FileExistsError(
+            f"{out_dir} holds {', '.join(foreign)}, which its world's manifest does not list; not replacing them"
+        )
+    return claimed
+
+
+def _prepare_dir(out_dir: Path) -> None:
     for split in SPLITS:
         (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     for sub in ("captions", "shards", "llava", "geneval"):
@@ -278,6 +341,19 @@ def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
         for split in SPLITS:
             for name in classes:
                 (out_dir / "classify" / attribute / split / name).mkdir(parents=True, exist_ok=True)
+
+
+def _move_into_place(staging: Path, out_dir: Path, replaced: list[str]) -> None:
+    """Replace the old world's entries by the staged ones, the manifest last, under the commit marker."""
+    entries = [name for name in OUTPUT_ENTRIES if (staging / name).exists()]
+    marker = out_dir / COMMIT_MARKER
+    marker.write_text(json.dumps({"entries": sorted(set(entries) | set(replaced))}), encoding="utf-8")
+    for name in replaced:
+        _remove(out_dir / name)
+    for name in sorted(entries, key=lambda n: n == "metadata.json"):
+        os.replace(staging / name, out_dir / name)
+    marker.unlink()
+    shutil.rmtree(staging)
 
 
 def generate_world(
@@ -301,9 +377,16 @@ def generate_world(
         The content of ``metadata.json``.
     """
     config = config or SynthConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_dir(out, overwrite)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (or None for all CPUs), got {workers}")
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"--out {target} is a file; expected a folder for the synthetic world")
+    target.mkdir(parents=True, exist_ok=True)
+    _recover(target)
+    replaced = _check_target(target, overwrite)
+    out = target / f"{STAGING_PREFIX}{os.getpid()}"
+    _prepare_dir(out)
     shard_tasks, classify_tasks = _plan(out, config)
     tasks: list[_ShardTask | _ClassifyTask] = [*shard_tasks, *classify_tasks]
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
@@ -353,9 +436,10 @@ def generate_world(
 
     metadata = _metadata(config, files, prompts)
     write_json(out / "metadata.json", metadata)
+    _move_into_place(out, target, replaced)
     logger.info(
         "wrote the synthetic world to %s in %.1f s with %d workers",
-        out,
+        target,
         time.perf_counter() - started,
         workers,
     )
@@ -374,8 +458,9 @@ def _metadata(config: SynthConfig, files: dict, prompts: list[dict]) -> dict:
         for attribute, classes in CLASSIFY_ATTRIBUTES.items()
     }
     return {
-        "name": "unitok-synthetic-world",
+        "name": WORLD_NAME,
         "format_version": FORMAT_VERSION,
+        "entries": list(OUTPUT_ENTRIES),
         "config": config.to_dict(),
         "splits": splits,
         "counts": {
@@ -521,7 +606,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         metadata = generate_world(
             args.out, config, workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress
         )
-    except (ValueError, FileExistsError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_table(args.out, metadata, time.perf_counter() - started))

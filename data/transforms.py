@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -28,10 +29,23 @@ def _interpolation(name: str) -> T.InterpolationMode:
     return _INTERPOLATIONS[name]
 
 
+# Pillow's high-bit-depth greyscale modes; ``convert("RGB")`` clips them at 255 (a 16-bit image turns white).
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparent pixels (RGBA, LA, palette with transparency) over white."""
+    """Any PIL mode -> RGB; transparent pixels (RGBA, LA, palette with transparency) over white.
+
+    16-bit greyscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs) is scaled from [0, 65535] to
+    8 bits; float greyscale (``F``) from [0, 1], or from [0, 255] when its values exceed 1.
+    """
     if image.mode == "RGB":
         return image
+    if image.mode in _WIDE_GREY_MODES or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 / 65535.0 if image.mode != "F" else (255.0 if values.max(initial=0.0) <= 1.0 else 1.0)
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -58,12 +58,16 @@ class ImageFiles(Dataset):
         path = self.paths[index]
         try:
             return load_image(path, self.image_size)
-        except (OSError, ValueError, SyntaxError) as err:
-            logger.warning("skipping unreadable image %s: %s", path, err)
+        except Exception as err:  # any decoder failure (DecompressionBombError, ...) skips the file
+            logger.warning("skipping unreadable image %s: %s: %s", path, type(err).__name__, err)
             return None
 
 
-def collate_images(items: list[torch.Tensor | None]) -> dict:
-    """Stack the readable images; ``{"images": [B,3,S,S] or None, "skipped": number of None items}``."""
-    images = [item for item in items if item is not None]
+def collate_images(items: list) -> dict:
+    """Stack the readable images; ``{"images": [B,3,S,S] or None, "skipped": number of None items}``.
+
+    Items are images, ``(image, caption, ...)`` tuples (image-text readers), or ``None`` for an
+    unreadable file.
+    """
+    images = [item[0] if isinstance(item, tuple | list) else item for item in items if item is not None]
     return {"images": torch.stack(images) if images else None, "skipped": len(items) - len(images)}

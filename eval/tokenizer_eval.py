@@ -234,6 +234,15 @@ def build_image_dataset(data: str, image_size: int, data_format: str = "auto", s
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data format must be one of {DATA_FORMATS}, got {data_format!r}")
     path = Path(data)
+    captions = path / "captions"
+    if (
+        data_format in ("auto", "image-text")
+        and captions.is_dir()
+        and not (captions / f"{split}.jsonl").is_file()
+    ):
+        # Falling through to "every image under the folder" would evaluate the training split too.
+        splits = sorted(p.stem for p in captions.glob("*.jsonl"))
+        raise ValueError(f"--split {split!r}: {captions} has no {split}.jsonl; its splits are {splits}")
     if data_format == "auto":
         if not path.is_dir():
             data_format = "shards"
@@ -251,21 +260,22 @@ def build_image_dataset(data: str, image_size: int, data_format: str = "auto", s
     if data_format == "images":
         return ImageFiles(path, image_size), data_format
     if data_format == "image-text":
-        return ImageTextFolder(path, split=split, transform=eval_transform(image_size)), data_format
+        # No replacement of unreadable images by the next one: that would count an image twice.
+        dataset = ImageTextFolder(path, split=split, transform=eval_transform(image_size), replace_bad=False)
+        return dataset, data_format
     # One process reads every shard: the evaluation is not split over ranks.
     shards = ImageTextWebDataset(str(data), transform=eval_transform(image_size), rank=0, world_size=1)
     return shards, data_format
 
 
 def make_loader(dataset, batch_size: int, num_workers: int, max_images: int | None = None) -> DataLoader:
-    """Ordered DataLoader; a map-style dataset is cut to ``max_images`` spread evenly over it."""
-    from .image_files import ImageFiles, collate_images
+    """Ordered DataLoader; a map-style dataset is cut to ``max_images`` spread evenly over it. Batches
+    are ``{"images", "skipped"}`` dicts (unreadable files dropped and counted, :func:`collate_images`)."""
+    from .image_files import collate_images
 
     if not isinstance(dataset, IterableDataset):
         dataset = evenly_spaced_subset(dataset, max_images)
-    base = getattr(dataset, "dataset", dataset)
-    collate = collate_images if isinstance(base, ImageFiles) else None
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
 
 
 def load_inception(spec: str | None, layer: str = "2048") -> InceptionFeatures | None:
@@ -313,10 +323,14 @@ def load_lpips(spec: str | None, image_size: int) -> nn.Module | None:
 
 
 def load_model(model: str | None, preset: str | None, allow_unsafe_pickle: bool = False) -> nn.Module:
-    """``--model`` (our directory format or a released ``.pth``) or ``--preset`` (random weights, for smoke runs)."""
+    """``--model`` (our directory format, a released ``.pth``, a trainer checkpoint ``checkpoints/step-N``
+    or a run folder, whose newest checkpoint is used) or ``--preset`` (random weights, for smoke runs)."""
     from unitok.tokenizer import TokenizerConfig, UniTok
+    from unitok.tokenizer.training.export import is_trainer_checkpoint, load_checkpoint_model
 
     if model is not None:
+        if is_trainer_checkpoint(model):
+            return load_checkpoint_model(model)
         return UniTok.from_pretrained(model, allow_unsafe_pickle=allow_unsafe_pickle)
     logger.warning("evaluating a randomly initialised %s (no --model given)", preset)
     return UniTok(TokenizerConfig.preset(preset))
@@ -328,6 +342,13 @@ def _fmt(value, spec: str) -> str:
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     return format(value, spec)
+
+
+def _rfid_reference(report: dict) -> str:
+    if report["rfid_reference"] == "originals":
+        size = report["image_size"]
+        return f"the originals, resized and centre-cropped to {size}x{size} as the tokenizer saw them"
+    return report["rfid_reference"]
 
 
 def format_markdown(report: dict) -> str:
@@ -342,7 +363,7 @@ def format_markdown(report: dict) -> str:
         (
             "rFID",
             _fmt(report["rfid"], ".3f")
-            + (f" (vs {report['rfid_reference']})" if report["rfid"] is not None else ""),
+            + (f" (vs {_rfid_reference(report)})" if report["rfid"] is not None else ""),
         ),
         ("PSNR (dB)", _fmt(report["psnr"], ".2f")),
         ("SSIM", _fmt(report["ssim"], ".4f")),
@@ -440,7 +461,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--zeroshot", metavar="CLASS_DIR", help="class folder CLASS_DIR/{class}/*.png for zero-shot accuracy"
     )
     p.add_argument(
-        "--templates", choices=TEMPLATE_SETS, default="simple", help="zero-shot prompts (default %(default)s)"
+        "--templates",
+        choices=TEMPLATE_SETS,
+        default="auto",
+        help="zero-shot prompts (default auto: the paper's 80 ImageNet prompts, a synthetic world's own on its folders)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
@@ -493,6 +517,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1) or args.grid_size < 0:
         parser.error("--batch-size and --max-images must be >= 1 and --grid-size >= 0")
+    if args.image_size is not None and args.image_size < 16:
+        parser.error(f"--image-size must be at least 16 pixels, got {args.image_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available; use --device cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)
     autocast_dtype = PRECISIONS[args.precision]
@@ -528,8 +558,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         fid_backend=args.fid_backend,
         progress=progress,
     )
-    if data_format != "images":
-        # unitok.data readers count their own skips (per process, so only exact without workers).
+    if data_format == "shards":
+        # The shard reader counts its own skips (per process, so only exact without workers).
         result["skipped_images"] = dataset.skipped.total if args.workers == 0 else None
     if args.ref is not None and ref_stats is not None:
         result["rfid_reference"] = args.ref

@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "generate synthetic data, train and evaluate the tiny model, write a report",
     ),
     "train-tokenizer": ("unitok.tokenizer.train", "train a UniTok tokenizer from a run config"),
+    "export": (
+        "unitok.tokenizer.training.export",
+        "export a trainer checkpoint (checkpoints/step-N or a run folder) as a tokenizer folder",
+    ),
     "eval-tokenizer": (
         "unitok.eval.tokenizer_eval",
         "rFID, PSNR/SSIM/LPIPS, codebook usage and zero-shot accuracy",
@@ -93,17 +97,42 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         group = [name for name in COMMANDS if name.split()[0] == argv[0]]
         if group:
-            print(
-                f"unitok {argv[0]}: expected one of: {', '.join(n.split(maxsplit=1)[1] for n in group)}",
-                file=sys.stderr,
-            )
-        else:
-            print(f"unitok: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+            asked = len(argv) > 1 and argv[1] in ("-h", "--help", "help")
+            width = max(len(name) for name in group)
+            usage = [f"usage: unitok {argv[0]} COMMAND [ARGS...]", "", "commands:"]
+            usage += [f"  {name.ljust(width)}  {COMMANDS[name][1]}" for name in group]
+            print("\n".join(usage), file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
+        print(f"unitok: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     name, rest = found
     module = importlib.import_module(COMMANDS[name][0])
-    result = module.main(rest, prog=f"unitok {name}")
+    try:
+        result = module.main(rest, prog=f"unitok {name}")
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"unitok {name}: error: {err}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors that describe bad input (a value, a path, a file's content, a run that cannot go on) and
+    whose message says what to do: printed as one line. Anything else keeps its traceback."""
+    if isinstance(
+        err,
+        ValueError
+        | FileNotFoundError
+        | FileExistsError
+        | NotADirectoryError
+        | IsADirectoryError
+        | PermissionError,
+    ):
+        return True
+    # Imported here: only a command that already imported the trainer can raise it.
+    trainer = sys.modules.get("unitok.tokenizer.training.checkpointing")
+    return trainer is not None and isinstance(err, trainer.TrainingError)
 
 
 if __name__ == "__main__":

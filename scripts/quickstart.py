@@ -140,7 +140,11 @@ class Pipeline:
         from unitok.data.synth import SynthConfig
 
         # The world stage writes the world before the tokenizer stage reads it (no data.synth needed).
-        overrides = [f"output_dir={self.out / 'tokenizer'}", f"data.path={self.out / 'world'}"]
+        overrides = [
+            f"output_dir={self.out / 'tokenizer'}",
+            f"data.path={self.out / 'world'}",
+            "data.synth={num_images: 6000, size: 64, seed: 0}",
+        ]
         world = {**WORLD, **_parse_fields(SynthConfig, args.world_overrides)}
         if args.num_images is not None:
             world["num_images"] = args.num_images

@@ -35,7 +35,6 @@ import torch
 import yaml
 
 from unitok.tokenizer import UniTok
-from unitok.tokenizer.checkpoint import save_directory
 from unitok.tokenizer.losses import (
     LPIPS,
     ClipLoss,
@@ -50,10 +49,11 @@ from unitok.tokenizer.losses import (
     generator_loss,
 )
 from unitok.tokenizer.training import checkpointing, distributed
-from unitok.tokenizer.training.config import RunConfig, load_run_config, preset_names
+from unitok.tokenizer.training.config import RunConfig, config_changes, load_run_config, preset_names
 from unitok.tokenizer.training.data import BatchStream, DataPosition, build_stream, prepare_synth_world
 from unitok.tokenizer.training.distributed import DeepSpeedEngine, DistInfo, TorchEngine
 from unitok.tokenizer.training.ema import ModelEma
+from unitok.tokenizer.training.export import export_weights, nonfinite_tensors, remove_stale_exports
 from unitok.tokenizer.training.monitor import Monitor
 from unitok.tokenizer.training.optim import WarmupCosine, build_adamw, build_scheduler
 
@@ -131,9 +131,21 @@ class Trainer:
         self.total_steps = config.train.num_steps(info.world_size)
         self.global_batch = config.train.global_batch_size(info.world_size)
         self._check_engine_precision()
+        self.resumed_from, resume_state, unreadable = checkpointing.load_resumable(
+            config.checkpoint.resume, self.output_dir
+        )
+        if resume_state is not None:
+            self._check_config_changes(self.resumed_from, resume_state["config"])
+        start_step = 0 if resume_state is None else int(resume_state["step"])
+        newer = config.checkpoint.on_newer
+        checkpointing.check_lineage(self.output_dir, start_step, newer, act=False, ignore=unreadable)
+        distributed.barrier(info)
         if info.is_main:
+            checkpointing.set_aside(unreadable)
+            checkpointing.check_lineage(self.output_dir, start_step, newer)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / RUN_CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        distributed.barrier(info)
         if self.device.type == "cuda" and config.train.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -160,9 +172,10 @@ class Trainer:
         self.skipped_before = 0
         self.position = DataPosition(epoch=0, batch_in_epoch=0)
         self.checkpoint: Path | None = None
-        self.resumed_from = checkpointing.resolve_resume(config.checkpoint.resume, self.output_dir)
-        if self.resumed_from is not None:
-            self._load_checkpoint(self.resumed_from)
+        self.nonfinite_in_a_row = 0
+        if resume_state is not None:
+            self._load_checkpoint(self.resumed_from, resume_state)
+        del resume_state
 
         prepare_synth_world(config.data, info)
         self.stream: BatchStream = build_stream(
@@ -396,16 +409,46 @@ class Trainer:
             step_scalars.add(scalars)
         scalars = step_scalars.step_means()
         scalars["grad_norm"] = self.gen.step()
-        self.model.clamp_logit_scale()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        finite = self.gen.last_step_finite
+        if finite:
+            self.model.clamp_logit_scale()
+            if self.ema is not None:
+                self.ema.update(self.model)
         if warm > 0:
             scalars["disc_grad_norm"] = self.disc.step()
+            finite = finite and self.disc.last_step_finite
             scalars["gan_warm"] = warm
             scalars["disc_lr"] = disc_lr
         scalars["lr"] = lr
         self.step += 1
+        self._check_finite_step(finite, scalars["grad_norm"])
         return scalars
+
+    def _check_finite_step(self, finite: bool, grad_norm: Scalar) -> None:
+        """Count steps skipped for a non-finite gradient; stop after ``max_nonfinite_steps`` in a row."""
+        if finite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        limit = self.config.train.max_nonfinite_steps
+        can_skip = self.gen.can_skip_steps and (self.disc is None or self.disc.can_skip_steps)
+        if self.info.is_main:
+            log.warning(
+                "step %d: gradient norm %s is not finite; %s (%d in a row, limit %d)",
+                self.step,
+                float(grad_norm),
+                "the update was skipped" if can_skip else "the engine applied it",
+                self.nonfinite_in_a_row,
+                limit,
+            )
+        if self.nonfinite_in_a_row >= limit or not can_skip:
+            good = checkpointing.list_checkpoints(checkpointing.checkpoint_root(self.output_dir))
+            raise checkpointing.TrainingError(
+                f"training diverged: the loss or gradient was not finite for {self.nonfinite_in_a_row} "
+                f"step(s) in a row up to step {self.step} (optim.lr={self.config.optim.lr}); nothing was "
+                f"saved from these steps. Lower optim.lr or raise optim.warmup and resume from the last good "
+                f"checkpoint ({good[-1] if good else 'none yet'})"
+            )
 
     # ------------------------------------------------------------------------------------------
     # loop
@@ -489,7 +532,7 @@ class Trainer:
         if self.info.is_main:
             use_ema = self.ema is not None and self.config.checkpoint.export_ema
             weights = self.ema.state_dict() if use_ema else self.model.state_dict()
-            save_directory(final_dir, self.model_config, weights)
+            export_weights(final_dir, self.model_config, weights)
             log.info("exported the final tokenizer%s to %s", " (EMA weights)" if use_ema else "", final_dir)
         distributed.barrier(self.info)
         return final_dir
@@ -499,6 +542,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically (all processes take part), keep the last ``keep_last``."""
+        bad = nonfinite_tensors(self.model.state_dict())
+        if self.ema is not None:
+            bad += [f"ema.{name}" for name in nonfinite_tensors(self.ema.state_dict())]
+        if bad:
+            raise checkpointing.TrainingError(
+                f"step {self.step}: {len(bad)} weight tensor(s) are not finite ({', '.join(bad[:5])}, ...); "
+                "refusing to save them. Lower optim.lr and resume from the last good checkpoint"
+            )
         root = checkpointing.checkpoint_root(self.output_dir)
         tmp = checkpointing.temporary_dir(root, self.step)
         final = root / checkpointing.step_dir_name(self.step)
@@ -536,14 +587,56 @@ class Trainer:
             }
             checkpointing.atomic_save(state, tmp / checkpointing.TRAINER_FILE)
             checkpointing.commit(tmp, final)
-            checkpointing.prune(root, self.config.checkpoint.keep_last)
+            checkpointing.prune(root, self.config.checkpoint.keep_last, current=final)
             log.info("saved checkpoint %s", final)
         distributed.barrier(self.info)
         self.checkpoint = final
         return final
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state = checkpointing.load_trainer_state(path)
+    def _check_config_changes(self, path: Path, saved: dict[str, Any]) -> None:
+        """Refuse a resume whose config changes the training, unless ``checkpoint.allow_config_change``."""
+        relevant, free = config_changes(saved, self.config.to_dict())
+        for line in free:
+            log.info("resuming %s with a changed setting: %s", path, line)
+        if not relevant:
+            return
+        listing = "; ".join(relevant)
+        if not self.config.checkpoint.allow_config_change:
+            raise checkpointing.TrainingError(
+                f"the config differs from the one checkpoint {path} was trained with: {listing}. Resume "
+                "with the same settings, or pass --allow-config-change to apply the new values"
+            )
+        optim = [line for line in relevant if line.startswith(("optim.", "disc."))]
+        if optim and self.config.distributed.engine == "deepspeed":
+            raise checkpointing.TrainingError(
+                f"engine deepspeed restores the optimiser and schedule from its own files, so changes to them "
+                f"cannot apply on resume: {'; '.join(optim)}"
+            )
+        if self.info.is_main:
+            log.warning("resuming %s with changed settings, which apply from now on: %s", path, listing)
+
+    def _apply_optim_config(self) -> None:
+        """Make the torch engines' restored optimiser and schedule follow this run's config (they come back
+        from the checkpoint with the values they were saved with; DeepSpeed keeps its own)."""
+        pairs = [(self.gen, self.config.optim, self._gen_schedule())]
+        if self.disc is not None:
+            pairs.append((self.disc, self.config.disc, self._disc_schedule()))
+        for engine, section, multiplier in pairs:
+            if not isinstance(engine, TorchEngine):
+                continue
+            scheduler = engine.scheduler
+            scheduler.lr_lambdas = [multiplier] * len(engine.optimizer.param_groups)
+            scheduler.base_lrs = [section.lr] * len(engine.optimizer.param_groups)
+            for group in engine.optimizer.param_groups:
+                group["initial_lr"] = section.lr
+                group["lr"] = section.lr * multiplier(scheduler.last_epoch)
+                group["betas"], group["eps"] = tuple(section.betas), section.eps
+                if group["weight_decay"] > 0:
+                    group["weight_decay"] = section.weight_decay
+            if hasattr(engine, "grad_clip"):
+                engine.grad_clip = section.grad_clip
+
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         if state["total_steps"] != self.total_steps:
             raise ValueError(
                 f"checkpoint {path} belongs to a run of {state['total_steps']} steps, this config has "
@@ -559,6 +652,7 @@ class Trainer:
             self.disc_module.load_state_dict(state["disc"])
             self.disc.load_state_dict(state["disc_engine"])
             self.disc.load_sharded(path / checkpointing.DEEPSPEED_FOLDER, "discriminator")
+        self._apply_optim_config()
         if self.ema is not None:
             if state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -615,10 +709,16 @@ def train(config: RunConfig) -> TrainResult:
     """
     info = distributed.setup(config.distributed, config.train.device)
     threads = torch.get_num_threads()
+    lock = None
     try:
+        if info.is_main:
+            lock = checkpointing.RunLock(config.output_dir).acquire()
+            remove_stale_exports(Path(config.output_dir) / FINAL_FOLDER)
         _set_cpu_threads(config, info)
         return Trainer(config, info).run()
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads)
         distributed.teardown(info)
 
@@ -645,6 +745,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--resume", help="'auto' (newest checkpoint of the output folder, if any) or a checkpoint path"
     )
     parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though the config changes the training (learning rate, batch, ...); the new values apply",
+    )
+    parser.add_argument(
+        "--on-newer",
+        choices=("refuse", "branch", "overwrite"),
+        help="what to do with checkpoints newer than the start step in the output folder: refuse (default), "
+        "branch (move them aside) or overwrite (delete them)",
+    )
+    parser.add_argument(
         "--print-config", action="store_true", help="print the resolved run config as YAML and exit"
     )
     return parser
@@ -659,6 +770,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         overrides.append(f"output_dir={json.dumps(args.out)}")
     if args.resume:
         overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
+    if args.allow_config_change:
+        overrides.append("checkpoint.allow_config_change=true")
+    if args.on_newer:
+        overrides.append(f"checkpoint.on_newer={args.on_newer}")
     try:
         config = load_run_config(args.config, overrides)
     except ValueError as err:

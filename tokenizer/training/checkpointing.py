@@ -11,15 +11,24 @@ A checkpoint is written into ``.tmp-step-XXXXXXXX`` and renamed into place only 
 run killed while saving never leaves a half-written ``step-*`` folder; ``trainer.pt`` itself is written
 to a temporary file and ``os.replace``-d. Everything in ``trainer.pt`` loads with
 ``torch.load(weights_only=True)``.
+
+A run owns its folder's checkpoint lineage: ``check_lineage`` refuses to start at step ``s`` over a
+folder holding checkpoints newer than ``s`` (they belong to another continuation) unless told to
+overwrite them or to set them aside (``branch``), and ``prune`` only deletes checkpoints older than
+the one just written. ``RunLock`` keeps two processes from training into one folder at once.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import random
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,22 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 DEEPSPEED_FOLDER = "deepspeed"
+LOCK_FILE = ".lock"
+SUPERSEDED_PREFIX = "superseded-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on as configured (held lock, foreign checkpoints, non-finite
+    training, changed config on resume, unreadable data); the message says what to do."""
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step number of a ``step-N`` checkpoint folder."""
+    match = _STEP_DIR.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder named step-N")
+    return int(match.group(1))
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -67,13 +91,18 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
     ``None`` -> no resume; ``"auto"`` -> the newest complete checkpoint of this run (None when there is
     none yet, so a fresh run and a restarted one share the command line); otherwise a checkpoint
-    folder or its ``trainer.pt`` (ValueError when missing).
+    folder or its ``trainer.pt`` (ValueError when missing). ``load_resumable`` also reads it and falls
+    back past unreadable ones.
     """
     if resume is None:
         return None
     if resume == "auto":
         found = list_checkpoints(checkpoint_root(output_dir))
         return found[-1] if found else None
+    return _explicit_checkpoint(resume)
+
+
+def _explicit_checkpoint(resume: str) -> Path:
     path = Path(resume)
     if path.is_file() and path.name == TRAINER_FILE:
         path = path.parent
@@ -107,10 +136,19 @@ def commit(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
-def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` checkpoints and stale temporary folders; returns the deleted."""
+def prune(root: str | Path, keep_last: int, current: Path | None = None) -> list[Path]:
+    """Delete old checkpoints and stale temporary folders; returns the deleted.
+
+    Keeps the newest ``keep_last`` checkpoints up to and including ``current`` (the one just written),
+    and never deletes ``current`` or anything newer than it: step numbers order checkpoints only
+    within one lineage, so a newer one is never assumed to be garbage.
+    """
     root = Path(root)
-    deleted = list_checkpoints(root)[:-keep_last]
+    found = list_checkpoints(root)
+    if current is not None:
+        limit = checkpoint_step(current)
+        found = [p for p in found if checkpoint_step(p) <= limit]
+    deleted = found[:-keep_last]
     deleted += [p for p in root.glob(".tmp-step-*") if p.is_dir()]
     for path in deleted:
         shutil.rmtree(path, ignore_errors=True)
@@ -118,8 +156,157 @@ def prune(root: str | Path, keep_last: int) -> list[Path]:
 
 
 def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read ``trainer.pt`` of a checkpoint folder onto the CPU (``weights_only=True``)."""
-    return torch.load(Path(checkpoint_dir) / TRAINER_FILE, map_location="cpu", weights_only=True)
+    """Read ``trainer.pt`` of a checkpoint folder onto the CPU (``weights_only=True``).
+
+    Raises ValueError naming the file when it is truncated, empty or not a trainer checkpoint.
+    """
+    path = Path(checkpoint_dir) / TRAINER_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch reports a cut zip as RuntimeError, an empty file as EOFError, ...
+        size = path.stat().st_size if path.is_file() else 0
+        raise ValueError(
+            f"checkpoint file {path} ({size} bytes) is unreadable, probably truncated: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{path} is not a trainer checkpoint (expected a dict with a 'step')")
+    return state
+
+
+def load_resumable(
+    resume: str | None, output_dir: str | Path
+) -> tuple[Path | None, dict[str, Any] | None, list[Path]]:
+    """The checkpoint to resume from, its state, and the unreadable checkpoints passed over.
+
+    ``resume`` as in ``resolve_resume``. With ``auto``, an unreadable newest checkpoint (a truncated
+    ``trainer.pt``) is passed over with a warning naming it, and the newest readable one is used
+    (``(None, None, bad)`` when none is). An explicit path must be readable (ValueError).
+    """
+    if resume is None:
+        return None, None, []
+    if resume != "auto":
+        path = _explicit_checkpoint(resume)
+        return path, load_trainer_state(path), []
+    bad = []
+    for path in reversed(list_checkpoints(checkpoint_root(output_dir))):
+        try:
+            return path, load_trainer_state(path), bad
+        except ValueError as err:
+            log.warning("cannot resume from %s, trying the checkpoint before it: %s", path, err)
+            bad.append(path)
+    return None, None, bad
+
+
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Rename unreadable checkpoints ``step-N`` to ``corrupt-step-N`` (kept for inspection, never resumed)."""
+    moved = []
+    for path in paths:
+        target = path.with_name(f"corrupt-{path.name}")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(path, target)
+        log.warning("set the unreadable checkpoint %s aside as %s", path, target)
+        moved.append(target)
+    return moved
+
+
+def check_lineage(
+    output_dir: str | Path, start_step: int, newer: str, act: bool = True, ignore: list[Path] = ()
+) -> list[Path]:
+    """Make sure no checkpoint of another continuation sits above ``start_step`` in ``output_dir``.
+
+    Args:
+        start_step: the step this run starts from (0 fresh, else the resumed checkpoint's step).
+        newer: ``refuse`` (TrainingError listing them), ``overwrite`` (delete them and ``final/``) or
+            ``branch`` (move them to ``checkpoints/superseded-<time>/``, where nothing resumes or prunes
+            them).
+        act: delete or move (the main process); False only checks (the other processes).
+        ignore: checkpoints to leave out (the unreadable ones ``load_resumable`` passed over).
+
+    Returns:
+        The newer checkpoints found (deleted or moved unless refused).
+    """
+    root = checkpoint_root(output_dir)
+    found = [p for p in list_checkpoints(root) if checkpoint_step(p) > start_step and p not in ignore]
+    if not found:
+        return []
+    names = ", ".join(p.name for p in found)
+    if newer == "refuse":
+        raise TrainingError(
+            f"{root} holds checkpoints newer than step {start_step} that this run did not write ({names}); "
+            "continue them with --resume auto, or pass --on-newer branch (move them aside) or "
+            "--on-newer overwrite (delete them)"
+        )
+    if not act:
+        return found
+    if newer == "overwrite":
+        for path in found:
+            shutil.rmtree(path)
+        final = Path(output_dir) / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        log.warning("deleted checkpoints newer than step %d: %s", start_step, names)
+    elif newer == "branch":
+        aside = root / f"{SUPERSEDED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        aside.mkdir(parents=True)
+        for path in found:
+            os.replace(path, aside / path.name)
+        log.warning("moved checkpoints newer than step %d to %s: %s", start_step, aside, names)
+    else:
+        raise ValueError(f"expected newer in ('refuse', 'overwrite', 'branch'), got {newer!r}")
+    return found
+
+
+class RunLock:
+    """An exclusive lock on a run folder (``<output_dir>/.lock``, ``fcntl.flock``), held while training.
+
+    The kernel drops the lock when the process dies (even by SIGKILL), so a stale file never blocks a
+    restart; the file records the holder's pid and host for the error message of a second run.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.handle: Any = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 (held open for the run: the lock lives with it)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "{}"
+            handle.close()
+            try:
+                who = json.loads(holder)
+            except json.JSONDecodeError:
+                who = {}
+            raise TrainingError(
+                f"{self.path.parent} is in use by another training run (process {who.get('pid', '?')} on "
+                f"{who.get('host', '?')}, lock file {self.path}); wait for it or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            import fcntl
+
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
 
 
 def capture_rng_state() -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class TrainSection:
     continues it. ``cpu_threads`` sets torch's intra-op threads when training on the CPU; null picks
     ``cores / processes - data workers`` (at least 1) unless ``OMP_NUM_THREADS`` is set: OpenMP threads
     that must share cores with the DataLoader workers spin and slow a step down several times.
+    A step whose loss or gradient is not finite is skipped (no weight update); ``max_nonfinite_steps``
+    such steps in a row stop the run with an error.
     """
 
     local_batch_size: int = 64
@@ -122,8 +125,13 @@ class TrainSection:
     tf32: bool = True
     cpu_threads: int | None = None
     ema_decay: float | None = None
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
+        _check(
+            self.max_nonfinite_steps > 0,
+            f"train.max_nonfinite_steps must be > 0, got {self.max_nonfinite_steps}",
+        )
         _check(self.local_batch_size > 0, f"train.local_batch_size must be > 0, got {self.local_batch_size}")
         _check(
             self.recon_batch_size is None or 0 < self.recon_batch_size <= self.local_batch_size,
@@ -294,14 +302,22 @@ class DistributedSection:
 @dataclass
 class CheckpointSection:
     """Checkpoints under ``<output_dir>/checkpoints``: every ``every_steps`` and at the end, keeping the
-    last ``keep_last``. ``resume`` is ``auto`` (the newest one there, if any), a checkpoint path, or
-    null. With EMA on, ``export_ema`` exports the EMA weights to ``<output_dir>/final``.
+    last ``keep_last``. ``resume`` is ``auto`` (the newest readable one there, if any), a checkpoint
+    path, or null. With EMA on, ``export_ema`` exports the EMA weights to ``<output_dir>/final``.
+
+    ``on_newer`` says what to do when the folder holds checkpoints newer than the step this run starts
+    from (another continuation's): ``refuse`` (the default), ``branch`` (move them aside) or
+    ``overwrite`` (delete them). A resumed run whose config differs from the checkpoint's in a field
+    that changes the training (learning rate, batch, losses, ...) stops with the list of changes unless
+    ``allow_config_change``; then the new values apply and are logged.
     """
 
     every_steps: int = 1000
     keep_last: int = 3
     resume: str | None = None
     export_ema: bool = True
+    on_newer: Literal["refuse", "branch", "overwrite"] = "refuse"
+    allow_config_change: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -457,9 +473,12 @@ def _to_float(value: Any, where: str) -> float:
     if isinstance(value, bool):
         raise ValueError(f"{where} must be a number, got {value!r}")
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return number
 
 
 def _to_int(value: Any, where: str) -> int:
@@ -485,8 +504,53 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err)
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     return tree
+
+
+# Fields a resumed run may change freely: where things are, how often it reports, how it is launched.
+RESUME_FREE_FIELDS: tuple[str, ...] = (
+    "output_dir",
+    "checkpoint.",
+    "logging.",
+    "eval.",
+    "train.stop_at_step",
+    "train.cpu_threads",
+    "train.device",
+    "data.num_workers",
+    "data.path",
+    "data.synth",
+    "distributed.timeout_minutes",
+    "distributed.backend",
+)
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Differences between two ``RunConfig.to_dict()`` trees as ``key: old -> new`` lines:
+    ``(changes that alter the training, changes in RESUME_FREE_FIELDS)``."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    relevant, free = [], []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        before, after = flat_old.get(key, "<unset>"), flat_new.get(key, "<unset>")
+        if before != after:
+            line = f"{key}: {before!r} -> {after!r}"
+            is_free = any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE_FIELDS)
+            (free if is_free else relevant).append(line)
+    return relevant, free
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def preset_names() -> list[str]:
@@ -496,10 +560,20 @@ def preset_names() -> list[str]:
 
 
 def read_config_file(name_or_path: str) -> dict[str, Any]:
-    """The raw tree of a config file (a path to .yaml/.json) or of a preset by name."""
+    """The raw tree of a config file (a path to .yaml/.json) or of a preset by name.
+
+    Raises ValueError naming the file (and the line, for syntax errors) when it is missing, unreadable
+    or not a mapping.
+    """
     path = Path(name_or_path)
     if path.is_file():
-        text, suffix = path.read_text(), path.suffix
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"cannot read config file {path}: {err}") from None
+        label, suffix = str(path), path.suffix
+    elif path.exists():
+        raise ValueError(f"config {name_or_path!r} is not a file")
     else:
         folder = resources.files(CONFIG_PACKAGE) / CONFIG_FOLDER
         matches = [folder / f"{name_or_path}{suffix}" for suffix in CONFIG_SUFFIXES]
@@ -508,10 +582,18 @@ def read_config_file(name_or_path: str) -> dict[str, Any]:
             raise ValueError(
                 f"no config file {name_or_path!r} and no preset of that name; presets: {preset_names()}"
             )
-        text, suffix = found[0].read_text(), Path(found[0].name).suffix
-    tree = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+        text, suffix, label = found[0].read_text(), Path(found[0].name).suffix, f"preset {name_or_path}"
+    try:
+        tree = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{label}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark is not None else label
+        problem = getattr(err, "problem", None) or str(err)
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
     if not isinstance(tree, dict):
-        raise ValueError(f"config {name_or_path!r} must hold a mapping at the top level")
+        raise ValueError(f"config {label} must hold a mapping at the top level, got {type(tree).__name__}")
     return tree
 
 

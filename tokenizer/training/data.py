@@ -13,7 +13,15 @@ seeded permutation per epoch), the shard reader replays the epoch up to it (``da
 starts a freshly shuffled one (``reseed``).
 
 Corrupt samples are skipped by the readers; each sample carries how many were skipped before it, so
-the counts of all DataLoader workers reach the trainer (``BatchStream.skipped``).
+the counts of all DataLoader workers reach the trainer (``BatchStream.skipped``); skips after a
+worker's last sample travel in a final image-less item, and the partial batches at the end of a
+worker's shards are dropped but their skip counts kept. A pass over the shards that gives not one
+full batch (every shard unreadable, say) stops the run with an error instead of starting them over
+forever.
+
+Batches travel as uint8 (a quarter of the pinned memory and of the host-to-device copy) whenever the
+[-1,1] floats of the transform are exactly the 256 values of 8-bit pixels, and become those same floats
+on the training device (``BatchStream.next``), bit for bit; any other batch travels as floats.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls
+from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls, is_url
 from unitok.data.transforms import train_transform
 from unitok.tokenizer.text import tokenize
 
+from .checkpointing import TrainingError
 from .config import DataSection
 from .distributed import DistInfo, barrier
 
@@ -130,14 +139,45 @@ class _SeededShards(IterableDataset):
             try:
                 img, caption = _seeded_call(sample_seed(self.stream_seed, worker, count), next, samples)
             except StopIteration:
+                trailing = self.shards.skipped.total - before
+                if trailing:
+                    yield None, "", trailing
                 return
             count += 1
             skipped, before = self.shards.skipped.total - before, self.shards.skipped.total
             yield img, caption, skipped
 
 
+def _pm1_table() -> torch.Tensor:
+    """``[256]`` float32: the [-1,1] value ``to_pm1`` gives each 8-bit pixel, by the same ops (bit-identical)."""
+    return torch.arange(256).to(torch.uint8).float().div(255).mul_(2.0).sub_(1.0)
+
+
+_PM1_TABLE = _pm1_table()
+_PM1_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def pack_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1,1] -> the uint8 pixels they came from, or ``images`` unchanged when some value is
+    not exactly one of ``to_pm1``'s 256 (e.g. a transform that resized the float tensor)."""
+    pixels = images.add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return pixels if torch.equal(_PM1_TABLE[pixels.int()], images) else images
+
+
+def unpack_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Inverse of ``pack_uint8`` on ``device``: uint8 pixels -> [-1,1] float32 by table look-up (no
+    device arithmetic, so equal bit for bit to the CPU transform); float batches are only moved."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype != torch.uint8:
+        return images
+    if images.device not in _PM1_TABLES:
+        # Copied once per device: a copy per batch from pageable memory would stall the host each step.
+        _PM1_TABLES[images.device] = _PM1_TABLE.to(images.device)
+    return _PM1_TABLES[images.device][images.int()]
+
+
 class _Collate:
-    """Stack images, tokenize captions (open_clip BPE, in the worker) and sum the skip counts."""
+    """Stack images (as uint8 when lossless), tokenize captions (open_clip BPE, in the worker), sum the skip counts."""
 
     def __init__(self, context_length: int):
         self.context_length = context_length
@@ -145,12 +185,26 @@ class _Collate:
     def __call__(
         self, samples: list[tuple[torch.Tensor, str, int]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, captions, skipped = zip(*samples)
-        return torch.stack(images), tokenize(list(captions), self.context_length), torch.tensor(sum(skipped))
+        skipped = torch.tensor(sum(item[2] for item in samples))
+        samples = [item for item in samples if item[0] is not None]
+        if not samples:  # only the skip count of a worker's last shards
+            return (
+                torch.empty(0, dtype=torch.uint8),
+                torch.empty(0, self.context_length, dtype=torch.long),
+                skipped,
+            )
+        images, captions, _ = zip(*samples)
+        return pack_uint8(torch.stack(images)), tokenize(list(captions), self.context_length), skipped
 
 
 def count_shard_samples(shards: list[str]) -> int:
-    """Samples (keys with an image member) in tar shards, read from the headers only."""
+    """Samples (keys with an image member) in local tar shards, read from the headers only."""
+    remote = [shard for shard in shards if is_url(shard)]
+    if remote:
+        raise ValueError(
+            f"data.samples_per_epoch must be set for remote shards ({remote[0]}, ...): counting them would "
+            "download every shard"
+        )
     total = 0
     for shard in shards:
         keys = set()
@@ -168,14 +222,41 @@ def count_shard_samples(shards: list[str]) -> int:
 
 
 def prepare_synth_world(section: DataSection, info: DistInfo) -> None:
-    """Write the synthetic world to ``section.path`` when ``section.synth`` asks for it and it is missing."""
+    """Write the synthetic world to the folder ``section.path`` when ``section.synth`` asks for it
+    (explicitly: nothing is generated without it) and no world is there yet; a missing ``data.path``
+    without ``data.synth`` is an error naming it."""
     path = Path(section.path)
-    if section.synth is not None and info.is_main and not path.exists():
+    if section.synth is None:
+        if not is_url(section.path) and not _is_pattern(section.path) and not path.exists():
+            raise FileNotFoundError(
+                f"data.path {section.path} does not exist; point it at your data, or set data.synth (e.g. "
+                "--set 'data.synth={num_images: 6000, size: 64}') to generate the synthetic world there"
+            )
+        return
+    if _is_pattern(section.path) or is_url(section.path) or path.suffix == ".tar":
+        raise ValueError(
+            f"data.synth writes a synthetic world into a folder, but data.path {section.path!r} is a shard "
+            "pattern or URL; set data.path to the world's folder (its shards/{split}-*.tar are read)"
+        )
+    if info.is_main and not (path / "metadata.json").is_file():
         from unitok.data.synth import SynthConfig, generate_world
 
         log.info("writing the synthetic world to %s", path)
         generate_world(path, SynthConfig(**section.synth))
     barrier(info)
+
+
+def _is_pattern(path: str) -> bool:
+    return any(char in path for char in "{}*?[")
+
+
+def shard_source(section: DataSection) -> str:
+    """Where the shards of ``format: webdataset`` are: ``data.path``, or for a synthetic world's folder its
+    ``shards/{split}-*.tar``."""
+    path = Path(section.path)
+    if not is_url(section.path) and (path / "metadata.json").is_file() and (path / "shards").is_dir():
+        return str(path / "shards" / f"{section.split}-*.tar")
+    return section.path
 
 
 class BatchStream:
@@ -219,6 +300,7 @@ class BatchStream:
         if self._batch >= self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
         self._restarts = 0
+        self._batches_this_pass = self._batch if resumed else 0
         self._iterator = self._open(fast_forward=resumed and self._batch > 0)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None, loader_seed: int) -> DataLoader:
@@ -229,7 +311,8 @@ class BatchStream:
             sampler=sampler,
             num_workers=workers,
             collate_fn=self.collate,
-            drop_last=True,
+            # Shards: a worker's partial last batch still carries skip counts (``_read`` drops it).
+            drop_last=sampler is not None,
             pin_memory=self.info.device.type == "cuda",
             generator=torch.Generator().manual_seed(loader_seed),
             persistent_workers=False,
@@ -259,30 +342,48 @@ class BatchStream:
         )
         iterator = iter(self._loader(_SeededShards(self.dataset, stream_seed), None, loader_seed))
         if fast_forward and not reseed:
+            # The checkpoint's skip count already holds the skips of the replayed part.
+            counted = self._skipped
             for _ in range(self._batch):
-                next(iterator)
+                self._read(iterator)
+            self._skipped = counted
         return iterator
 
+    def _read(self, iterator: Iterator) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The next full micro-batch of ``iterator``; partial ones (a worker's last samples) only add
+        their skip count. Raises StopIteration at the end of the pass."""
+        while True:
+            images, ids, skipped = next(iterator)
+            if images.shape[0] == self.local_batch_size:
+                return images, ids, int(skipped)
+            self._skipped += int(skipped)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next micro-batch of this process."""
+        """The next micro-batch of this process: images ``[B,3,S,S]`` in [-1,1] already on the training
+        device, text ids ``[B,T]`` on the CPU."""
         if self._batch >= self.batches_per_epoch:
             self._epoch, self._batch, self._restarts = self._epoch + 1, 0, 0
             self._iterator = self._open(fast_forward=False)
+            self._batches_this_pass = 0
         try:
-            images, ids, skipped = next(self._iterator)
+            images, ids, skipped = self._read(self._iterator)
         except StopIteration:
+            if self._batches_this_pass == 0:
+                raise TrainingError(
+                    f"a whole pass over the shards of {self.section.path} gave rank {self.info.rank} not one "
+                    f"batch of {self.local_batch_size} samples ({self._skipped} corrupt samples or shards "
+                    "skipped so far; unreadable and truncated shards are logged as bad_shard); check the "
+                    "shards and the batch size"
+                ) from None
             # Shards of this process ran dry before the epoch's batch count: start them over.
             self._restarts += 1
-            if self._restarts > 1000:
-                raise RuntimeError(
-                    f"{self.section.path} yields no batch of {self.local_batch_size} samples on rank "
-                    f"{self.info.rank}; check the shards and the batch size"
-                ) from None
             self._iterator = self._open(fast_forward=False)
+            self._batches_this_pass = 0
             return self.next()
+        self._batches_this_pass += 1
         self._batch += 1
-        self._skipped += int(skipped)
-        return images, ids
+        self._skipped += skipped
+        return unpack_uint8(images, self.info.device), ids
 
     def position(self) -> DataPosition:
         """The position after the last micro-batch returned."""
@@ -311,7 +412,7 @@ def build_stream(
         dataset = ImageTextFolder(section.path, split=section.split, transform=transform)
         size = len(dataset)
     else:
-        shards = expand_urls(section.path)
+        shards = expand_urls(shard_source(section))
         if not shards:
             raise ValueError(
                 f"data.path {section.path!r} names no tar shards (a folder, glob or brace pattern)"

@@ -139,7 +139,7 @@ class TorchEngine:
 
     ``backward`` divides the loss by ``grad_accum``; ``step`` unscales, clips the gradient norm to
     ``grad_clip`` (0 = no clipping), steps optimiser and schedule, zeroes the gradients and returns the
-    pre-clipping gradient norm.
+    pre-clipping gradient norm. ``bf16_grad_compression`` all-reduces DDP's gradients in bf16.
     """
 
     def __init__(
@@ -152,19 +152,34 @@ class TorchEngine:
         grad_accum: int = 1,
         fp16: bool = False,
         find_unused_parameters: bool = False,
+        bf16_grad_compression: bool = False,
     ):
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         self.grad_accum = grad_accum
+        self.last_step_finite = True
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
         self._params = [p for p in module.parameters() if p.requires_grad]
         if info.distributed:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
-            self.forward_module: nn.Module = nn.parallel.DistributedDataParallel(
-                module, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+            # Gradients live in DDP's buckets (no second copy, no copy-out after the all-reduce); buffers
+            # are not broadcast before every forward: the only ones that change (the quantizer's usage EMA)
+            # are updated from all-reduced counts, so they are equal on every process already.
+            ddp = nn.parallel.DistributedDataParallel(
+                module,
+                device_ids=device_ids,
+                find_unused_parameters=find_unused_parameters,
+                gradient_as_bucket_view=True,
+                broadcast_buffers=False,
             )
+            if bf16_grad_compression:
+                # Halves the bytes of the gradient all-reduce (worth it across nodes); sums in bf16.
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            self.forward_module: nn.Module = ddp
         else:
             self.forward_module = module
 
@@ -181,14 +196,24 @@ class TorchEngine:
         """Accumulate the gradients of one micro-batch's loss."""
         self.scaler.scale(loss / self.grad_accum).backward()
 
+    # A step with a non-finite gradient is skipped (``last_step_finite`` tells the loop).
+    can_skip_steps = True
+
     def step(self) -> torch.Tensor:
-        """Clip, step optimiser and schedule, zero the gradients; returns the gradient norm before clipping
-        (a 0-dim tensor on the device, so no host sync)."""
+        """Clip, step optimiser and schedule, zero the gradients; returns the gradient norm before clipping.
+
+        A non-finite gradient norm (the gradients are already all-reduced, so every process agrees)
+        skips the optimiser update but not the schedule, and sets ``last_step_finite`` to False. This
+        costs one host sync per step.
+        """
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        self.last_step_finite = bool(torch.isfinite(norm))
+        if self.last_step_finite or self.scaler.is_enabled():
+            # fp16's grad scaler skips non-finite steps itself and lowers its scale.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm.detach()
@@ -259,7 +284,8 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": grad_clip,
-            "zero_optimization": {"stage": zero_stage},
+            # overlap_comm: reduce gradient buckets while the backward pass is still running.
+            "zero_optimization": {"stage": zero_stage, "overlap_comm": False},
             # A plain torch AdamW is what the recipe uses; DeepSpeed calls that "untested" under ZeRO.
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
@@ -288,11 +314,16 @@ class DeepSpeedEngine:
         if not boundary:
             self.engine.step()
 
+    # DeepSpeed applies the update before the norm is known: a non-finite step cannot be undone.
+    can_skip_steps = False
+
     def step(self) -> float:
         """The optimiser step at the accumulation boundary (clip, AdamW, schedule, zero grads); returns the norm."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        self.last_step_finite = norm == norm and abs(norm) != float("inf")
+        return norm
 
     @property
     def lr(self) -> float:

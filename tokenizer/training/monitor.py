@@ -63,6 +63,7 @@ class Monitor:
         self.metrics_path = output_dir / METRICS_FILE
         if not enabled:
             return
+        self._drop_records_after(start_step)
         if section.progress_bar:
             from tqdm.auto import tqdm
 
@@ -73,6 +74,20 @@ class Monitor:
             self.writer = SummaryWriter(str(output_dir / TENSORBOARD_FOLDER))
         if section.wandb:
             self.wandb_run = _start_wandb(section, output_dir, run_config)
+
+    def _drop_records_after(self, step: int) -> None:
+        """Forget records of steps after ``step`` (a continuation that this run replaces), so that every
+        step appears once in ``metrics.jsonl``; rewritten atomically."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(self.metrics_path)
+        log.info("dropped %d records after step %d from %s", len(lines) - len(kept), step, self.metrics_path)
 
     def advance(self) -> None:
         """Advance the bar by one optimiser step."""
@@ -130,6 +145,14 @@ class Monitor:
             self.writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _record_step(line: str) -> float:
+    """The step of one ``metrics.jsonl`` line (a damaged line counts as after every step)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _start_wandb(section: LoggingSection, output_dir: Path, run_config: dict[str, Any]) -> Any:
