@@ -656,13 +656,20 @@ class UniTokMLLM(nn.Module):
         """A PIL image, path or uint8 array -> [3,S,S] in [-1,1] at the UniTok's size ``S``.
 
         ``config.image_resize == "pad"`` pads to a square first (the released model's ``expand2square`` with the
-        background (122, 116, 104)) and resizes; ``"crop"`` resizes the short side and centre-crops.
+        background (122, 116, 104)) and resizes it bilinearly, as the release's evaluation does; ``"crop"``
+        resizes the short side (bicubic) and centre-crops.
         """
         from unitok.tokenizer.preprocess import load_image
 
         size = self.unitok.config.image_size
         if self.config.image_resize == "pad":
-            return load_image(expand_to_square(item), size=size)
+            import numpy as np
+            from PIL import Image
+
+            # The release: torchvision Resize((S, S)) on the padded PIL image (bilinear), ToTensor, Normalize(0.5, 0.5).
+            square = expand_to_square(item).resize((size, size), Image.Resampling.BILINEAR)
+            pixels = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1)
+            return (pixels.float() / 255.0 - 0.5) / 0.5
         return load_image(item, size=size)
 
     def decode_codes(self, codes_BhwK: torch.Tensor) -> list[Any]:
