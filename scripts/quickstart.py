@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -32,6 +33,9 @@ RUN_CONFIG = "unitok-tiny-synth"
 # 64 px; 7200 train / 400 val / 400 test scenes and 40 single-object scenes per class and split.
 WORLD: dict = {"num_images": 8000, "size": 64, "seed": 0, "max_objects": 3, "classify_per_class": 40}
 STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "generation", "report")
+# Folders (under --out) that a stage's command writes and resumes from; ``--stage NAME`` clears its folder.
+# (The tokenizer stage resumes or re-evaluates its run; remove ``tokenizer/`` to train it again.)
+STAGE_OUTPUTS: dict[str, str] = {"codes": "codes", "mllm": "mllm", "vqa": "vqa", "generation": "generation"}
 QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "existence")
 # (name in report.json, how the report says it, target, unit); every one is measured on held-out data.
 TARGETS: tuple[tuple[str, str, float, str], ...] = (
@@ -140,11 +144,7 @@ class Pipeline:
         from unitok.data.synth import SynthConfig
 
         # The world stage writes the world before the tokenizer stage reads it (no data.synth needed).
-        overrides = [
-            f"output_dir={self.out / 'tokenizer'}",
-            f"data.path={self.out / 'world'}",
-            "data.synth={num_images: 6000, size: 64, seed: 0}",
-        ]
+        overrides = [f"output_dir={self.out / 'tokenizer'}", f"data.path={self.out / 'world'}"]
         world = {**WORLD, **_parse_fields(SynthConfig, args.world_overrides)}
         if args.num_images is not None:
             world["num_images"] = args.num_images
@@ -187,6 +187,9 @@ class Pipeline:
                     "stage %s: reusing %s (%.0f s when it ran)", name, path, self.records[name]["seconds"]
                 )
                 continue
+            if name in self.rerun and name in STAGE_OUTPUTS:
+                # The commands resume what they find; a rerun asked for starts that stage afresh.
+                shutil.rmtree(self.out / STAGE_OUTPUTS[name], ignore_errors=True)
             logger.info("stage %s: running", name)
             started = time.perf_counter()
             result = getattr(self, f"stage_{name}")()
