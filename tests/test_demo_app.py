@@ -8,7 +8,15 @@ import pytest
 from mllm_helpers import one_thread, tiny_mllm, tiny_unitok  # noqa: F401
 from PIL import Image
 
-from unitok.scripts.demo.app import ALL_INTERFACES, LOCALHOST, DemoHandlers, launch, main
+from unitok.scripts.demo.app import (
+    ALL_INTERFACES,
+    LOCALHOST,
+    MODEL_QUEUE,
+    DemoHandlers,
+    build_app,
+    launch,
+    main,
+)
 from unitok.scripts.demo.backend import DemoBackend
 from unitok.scripts.demo.uploads import UploadLimits
 
@@ -68,6 +76,24 @@ def test_generation_and_reconstruction_handlers(handlers, image_path):
     original, reconstruction, summary = handlers.reconstruct(str(image_path))
     assert original.size == reconstruction.size and "bits" in summary and "PSNR" in summary
     assert handlers.reconstruct(None) == (None, None, "")
+
+
+def test_every_model_event_shares_one_queue_slot(handlers):
+    """Chat, generation and reconstruction from any tab or browser run one at a time."""
+    app = build_app(handlers.backend, "tiny")
+    model_events = [
+        fn for fn in app.fns.values() if fn.name in ("chat", "run_generate", "chat_image", "reconstruct")
+    ]
+    assert sorted(fn.name for fn in model_events) == [
+        "chat",
+        "chat",
+        "chat_image",
+        "reconstruct",
+        "run_generate",
+        "run_generate",
+    ], "the send button and Enter both ask; the button and Enter both generate"
+    for fn in model_events:
+        assert (fn.concurrency_id, fn.concurrency_limit, fn.queue) == (MODEL_QUEUE, 1, True), fn.name
 
 
 class FakeApp:

@@ -71,7 +71,7 @@ def _browser_or_skip() -> tuple[str, str]:
 def demo(tmp_path_factory):
     """The app served on a free local port: (url, backend)."""
     _browser_or_skip()
-    from unitok.scripts.demo.app import build_app, free_port, launch
+    from unitok.scripts.demo.app import LOCALHOST, build_app, free_port, launch
 
     model = os.environ.get("UNITOK_DEMO_MODEL")
     if model:
@@ -81,6 +81,7 @@ def demo(tmp_path_factory):
         backend = DemoBackend(mllm.unitok, mllm)
     app = build_app(backend, model or "tiny random model")
     url = launch(app, port=free_port(), block=False)
+    assert url.startswith(f"http://{LOCALHOST}:"), f"the demo should bind {LOCALHOST} by default, got {url}"
     yield url.rstrip("/"), backend
     app.close()
 
