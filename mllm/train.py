@@ -158,7 +158,13 @@ def training_arguments(config: RunConfig) -> tuple[dict[str, Any], bool]:
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         kwargs.setdefault("ddp_backend", "gloo")
     if kwargs.get("deepspeed") is not None:
-        kwargs["deepspeed"] = load_deepspeed_config(kwargs["deepspeed"])
+        ds = dict(load_deepspeed_config(kwargs["deepspeed"]))
+        # The Trainer fills "auto" batch sizes from its own world size, which is 1 on a CPU-only DeepSpeed run;
+        # DeepSpeed derives the global batch from these two and the real world size.
+        ds["train_micro_batch_size_per_gpu"] = kwargs.get("per_device_train_batch_size", 8)
+        ds["gradient_accumulation_steps"] = kwargs.get("gradient_accumulation_steps", 1)
+        ds.pop("train_batch_size", None)
+        kwargs["deepspeed"] = ds
         if not torch.cuda.is_available():
             # DeepSpeed picks its accelerator at import; without a GPU it must be told to run on the CPU.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -181,7 +187,17 @@ def train(config: RunConfig) -> TrainResult:
 
     output_dir = Path(config.output_dir)
     kwargs, checkpointing = training_arguments(config)
+    cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    if cpu_group and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
     args = TrainingArguments(**kwargs)
+    if cpu_group and args.world_size != torch.distributed.get_world_size():
+        # accelerate counts a DeepSpeed run without a GPU as one process (it has no backend name for it) and would
+        # then give every rank every batch; its shared state is corrected here, before the Trainer reads it.
+        state = args.distributed_state
+        state.num_processes = torch.distributed.get_world_size()
+        state.process_index = torch.distributed.get_rank()
+        state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
     is_main = args.process_index == 0
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

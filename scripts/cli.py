@@ -46,6 +46,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unitok.scripts.ablations",
         "the paper's tokenizer findings in miniature (MCQ vs RQ, codebooks, ...)",
     ),
+    "extract-codes": (
+        "unitok.data.extract",
+        "pre-tokenise images into a sharded, resumable code store for MLLM training",
+    ),
+    "train-mllm": ("unitok.mllm.train", "train the MLLM (transformers Trainer, DeepSpeed ZeRO-2/3)"),
     "bench data": ("unitok.scripts.bench_data", "synthetic-world generation and reader throughput"),
     "bench quantizer": (
         "unitok.scripts.bench_quantizer",
@@ -56,6 +61,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "encode/decode throughput, memory, parameter counts",
     ),
     "bench eval": ("unitok.scripts.bench_eval", "tokenizer evaluation throughput"),
+    "bench extract": (
+        "unitok.scripts.bench_extract",
+        "code extraction images/s, store bytes per image, padding with and without length grouping",
+    ),
+    "bench mllm-eval": (
+        "unitok.scripts.bench_mllm_eval",
+        "MLLM evaluation throughput: VQA questions/s and GenEval images/s",
+    ),
     "bench mllm-generation": (
         "unitok.scripts.bench_mllm_generation",
         "KV-cached image generation vs full recompute",
@@ -90,6 +103,11 @@ def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from unitok import DISTRIBUTION_NAME, __version__
+
+        print(f"unitok {__version__} ({DISTRIBUTION_NAME})")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
