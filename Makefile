@@ -1,23 +1,42 @@
 # The two commands of the README: `make quickstart` and `make test`. Both create the virtual
-# environment on first use and reuse it afterwards (the stamp is renewed when setup.py changes).
+# environment on first use and reuse it afterwards (a stamp is renewed when setup.py changes).
+# Each installs only what it uses: the quick start the core package, the tests `.[test]` (dev tools,
+# DeepSpeed, lmms-eval, gradio); `make install-all` adds the rest (wandb).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CORE_STAMP := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
+ALL_STAMP := $(VENV)/.installed-all
 QUICKSTART_OUT ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: install quickstart test lint clean browser
+.PHONY: install install-core install-all quickstart test lint check-floors clean browser
 
-$(STAMP): setup.py
+$(VENV)/.venv-created:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	touch $@
+
+$(CORE_STAMP): setup.py $(VENV)/.venv-created
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP): setup.py $(VENV)/.venv-created
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(CORE_STAMP)
+
+$(ALL_STAMP): setup.py $(VENV)/.venv-created
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e '.[all]'
-	touch $(STAMP)
+	touch $@ $(STAMP) $(CORE_STAMP)
+
+install-core: $(CORE_STAMP)
 
 install: $(STAMP)
 
-quickstart: install
+install-all: $(ALL_STAMP)
+
+quickstart: install-core
 	$(VENV)/bin/unitok quickstart --out $(QUICKSTART_OUT)
 
 # The demo's browser test drives Debian's Chromium. Install it where we can (root with apt); never fail
@@ -41,6 +60,10 @@ test: install browser
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Installs the dependency floors of setup.py into a scratch folder and imports the whole package with them.
+check-floors: install-core
+	$(PY) -m unitok.scripts.check_floors
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

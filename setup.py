@@ -1,15 +1,23 @@
-"""Installs the five project folders as the ``unitok`` namespace (see DESIGN.md, "Layout")."""
+"""Installs the five project folders as sub-packages of ``unitok`` (see DESIGN.md, "Layout").
 
+``unitok/`` holds only the top-level package (``__version__``, ``py.typed``). The distribution is named
+``unitok-tokenizer`` because ``unitok`` on the package index is an unrelated project; the import name stays
+``unitok``. Floors are the oldest versions whose APIs the code uses (``python -m unitok.scripts.check_floors``
+installs them and imports everything).
+"""
+
+import re
 from pathlib import Path
 
 from setuptools import find_namespace_packages, setup
 
 HERE = Path(__file__).parent
 FOLDERS = ("tokenizer", "mllm", "data", "eval", "scripts")
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "unitok" / "__init__.py").read_text(), re.M)[1]
 
 
 def _packages():
-    names = []
+    names = ["unitok"]
     for folder in FOLDERS:
         names.append(f"unitok.{folder}")
         subs = find_namespace_packages(str(HERE / folder), exclude=["*__pycache__*"])
@@ -20,25 +28,25 @@ def _packages():
 CORE = [
     "torch>=2.4",
     "torchvision>=0.19",
-    "numpy",
-    "pillow",
+    "numpy>=1.24",
+    "pillow>=9.1",  # Image.Resampling
     "einops>=0.7",
-    "safetensors>=0.4",
-    "timm>=1.0.8",
+    "safetensors>=0.4.1",  # transformers 4.43 needs it
+    "timm>=1.0.21",  # timm.layers.calculate_drop_path_rates
     "open-clip-torch>=2.24",
     "transformers>=4.43",
-    "peft>=0.11",
-    "sentencepiece",
-    "datasets",
+    "peft>=0.15",  # LoraConfig(trainable_token_indices=...)
+    "huggingface_hub>=0.25",  # huggingface_hub.errors as peft 0.15 imports it
+    "sentencepiece",  # Llama-2's tokenizer model
     "lpips>=0.1.4",
     "webdataset>=0.2.86",
     "braceexpand",
-    "tokenizers",
-    "torch-fidelity>=0.4",
-    "scipy",
+    "tokenizers>=0.19",
+    "torch-fidelity>=0.3",  # metric_fid.fid_statistics_to_metric and the FID Inception
+    "scipy",  # scipy.ndimage in the synthetic world's GenEval scorer
     "pyyaml",
     "tqdm",
-    "tensorboard",
+    "tensorboard",  # torch.utils.tensorboard in the trainers
 ]
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.14"],
@@ -47,18 +55,21 @@ EXTRAS = {
     "wandb": ["wandb"],
     "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "selenium>=4.20"],
 }
-EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "wandb" for dep in deps})
+# What `make test` installs: the suite exercises DeepSpeed, the lmms-eval plugin and the demo app.
+EXTRAS["test"] = sorted({dep for name in ("dev", "deepspeed", "eval", "demo") for dep in EXTRAS[name]})
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 
 setup(
-    name="unitok",
-    version="0.1.0",
+    name="unitok-tokenizer",
+    version=VERSION,
     description="UniTok: a unified visual tokenizer for generation and understanding, and the MLLM built on it",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    package_dir={f"unitok.{folder}": folder for folder in FOLDERS},
+    package_dir={"unitok": "unitok", **{f"unitok.{folder}": folder for folder in FOLDERS}},
     packages=_packages(),
     package_data={
+        "unitok": ["py.typed"],
         "unitok.scripts.configs": ["*.yaml", "*.json"],
         "unitok.scripts.configs.mllm": ["*.yaml"],
         "unitok.scripts.configs.deepspeed": ["*.json"],
