@@ -317,16 +317,21 @@ class _StackedCodebookQuantizer(nn.Module):
 
     # ---- usage statistics ----
 
+    def _count_codes(self, codes_KN: torch.Tensor) -> torch.Tensor:
+        """``[K, N]`` codes -> ``[K, V]`` int64 counts, equal to a ``bincount`` per sub-codebook.
+
+        One integer scatter-add on the codes' device; ``bincount`` would read its maximum back to the host to
+        size its output, a device sync in every training step.
+        """
+        flat = (codes_KN + self._offsets[:, None]).flatten()
+        counts = flat.new_zeros(self.num_codebooks * self.codebook_size)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))
+        return counts.view(self.num_codebooks, self.codebook_size)
+
     @torch.no_grad()
     def _record_usage(self, codes_KN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-batch usage % and perplexity ``[K]``; in training also all-reduce counts and update the EMA."""
-        flat = (codes_KN + self._offsets[:, None]).flatten()
-        # Integer scatter-add, equal to bincount(flat, minlength=K*V); bincount would read its maximum back to
-        # the host to size the output, a device sync in every training step.
-        counts = flat.new_zeros(self.num_codebooks * self.codebook_size).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )
-        counts_KV = counts.view(self.num_codebooks, self.codebook_size).float()
+        counts_KV = self._count_codes(codes_KN).float()
         if self.training and dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts_KV)
         probs_KV = counts_KV / counts_KV.sum(dim=-1, keepdim=True)

@@ -284,8 +284,9 @@ class DeepSpeedEngine:
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": grad_clip,
-            # overlap_comm: reduce gradient buckets while the backward pass is still running.
-            "zero_optimization": {"stage": zero_stage, "overlap_comm": False},
+            # overlap_comm (GPUs): reduce gradient buckets on a side stream while the backward pass runs.
+            # Off on CPUs, where it buys nothing and a resumed run no longer ends bit-identical.
+            "zero_optimization": {"stage": zero_stage, "overlap_comm": info.device.type == "cuda"},
             # A plain torch AdamW is what the recipe uses; DeepSpeed calls that "untested" under ZeRO.
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
