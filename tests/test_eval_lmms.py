@@ -14,6 +14,7 @@ from unitok.data.synth import SynthConfig, generate_world
 from unitok.eval import vqa
 from unitok.eval.lmms.evaluate import main, official_scores, prepare_synth_vqa
 from unitok.eval.lmms.models.unitok import UniTokLMMS, cut_at_stop, generation_settings
+from unitok.mllm import UniTokMLLM
 
 GREEDY = {"max_new_tokens": 4, "temperature": 0, "do_sample": False}
 
@@ -178,7 +179,7 @@ def test_official_scores_from_logged_samples():
     assert official_scores("synth_vqa", mme) is None
 
 
-def test_eval_vqa_synth_end_to_end(world, model_dir, tmp_path):
+def test_eval_vqa_synth_end_to_end(world, model_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     argv = ["--model", str(model_dir), "--tasks", "synth_vqa", "--data", str(world), "--out", str(out)]
     argv += ["--batch-size", "4", "--device", "cpu", "--max-new-tokens", "4"]
@@ -199,6 +200,21 @@ def test_eval_vqa_synth_end_to_end(world, model_dir, tmp_path):
     assert {s["kind"] for s in samples} == kinds and all(Path(s["image"]).is_file() for s in samples)
     assert report["throughput"]["questions_per_second"] > 0
     assert "synth_vqa" in (out / "results.md").read_text()
+    # Interrupted after three answers (and a torn line): the rerun asks only the rest, with the same result.
+    log = out / "answers.jsonl"
+    assert len(log.read_text().splitlines()) == n_questions
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:3]) + '{"key": "x", "ans')
+    asked = []
+    answer = UniTokMLLM.answer
+
+    def counting(self, images, questions, **kwargs):
+        asked.extend(questions)
+        return answer(self, images, questions, **kwargs)
+
+    monkeypatch.setattr(UniTokMLLM, "answer", counting)
+    assert main(argv) == 0
+    assert len(asked) == n_questions - 3
+    assert json.loads((out / "results.json").read_text())["tasks"] == report["tasks"]
 
 
 def test_eval_vqa_bad_inputs(world, model_dir, tmp_path, capsys):

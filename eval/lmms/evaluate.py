@@ -9,7 +9,7 @@ in the Hugging Face cache). Each run writes into ``--out``:
   (:mod:`unitok.eval.vqa`) beside lmms-eval's own; throughput; the paper's figures.
 - ``results.md``: the same as tables beside the paper's numbers; ``samples_<task>.jsonl``: every prediction.
 - ``lmms_tasks/``: the prepared ``synth_vqa`` task (usable with ``python -m lmms_eval --include_path``);
-  ``response_cache/``: lmms-eval's response cache, so an interrupted run resumes where it stopped.
+  ``answers.jsonl``: every batch of answers as it is generated, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -241,7 +241,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the model")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length for tasks that set none")
-    p.add_argument("--no-cache", action="store_true", help="do not reuse answers of a previous run in --out")
+    p.add_argument(
+        "--no-cache", action="store_true", help="neither reuse nor record answers in <out>/answers.jsonl"
+    )
     p.add_argument(
         "--prepare-only", action="store_true", help="only write <out>/lmms_tasks (for python -m lmms_eval)"
     )
@@ -276,6 +278,8 @@ def run(args: argparse.Namespace) -> dict:
         "WARNING", include_path=str(task_dir) if prepared else None, include_defaults=bool(public_only)
     )
     model_args = f"pretrained={Path(args.model).resolve()},max_new_tokens={args.max_new_tokens}"
+    if not args.no_cache:
+        model_args += f",answer_log={(out / 'answers.jsonl').resolve()}"
     if args.dtype:
         model_args += f",dtype={args.dtype}"
     start = time.perf_counter()
@@ -289,7 +293,6 @@ def run(args: argparse.Namespace) -> dict:
         task_manager=manager,
         log_samples=True,
         bootstrap_iters=0,
-        use_cache=None if args.no_cache else str(out / "response_cache"),
         verbosity="WARNING",
     )
     seconds = time.perf_counter() - start

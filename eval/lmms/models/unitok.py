@@ -17,11 +17,13 @@ has no ``<image>`` placeholder; documents with more than one image are refused (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,6 +52,10 @@ class UniTokLMMS(lmms):
         max_new_tokens: answer length when a task does not set one.
         model: an already loaded MLLM instead of ``pretrained`` (for programmatic use).
         max_batch_size: accepted for lmms-eval's command line; batches are exactly ``batch_size``.
+        answer_log: a JSON-lines file that every finished batch of generated answers is appended to (one file per
+            rank under a multi-process launch); answers already in it are reused, so an interrupted evaluation
+            resumes where it stopped. Entries are keyed by the checkpoint (path and weights file time), task,
+            document, prompt and generation settings.
     """
 
     is_simple = True
@@ -63,6 +69,7 @@ class UniTokLMMS(lmms):
         max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
         model: Any = None,
         max_batch_size: int | None = None,
+        answer_log: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -84,6 +91,14 @@ class UniTokLMMS(lmms):
                 )
             model = load_mllm(pretrained, device, dtype)
         self.model = model.to(device).eval()
+        self._fingerprint = _checkpoint_fingerprint(pretrained)
+        self._log_path = None
+        self._logged: dict[str, str] = {}
+        if answer_log is not None:
+            self._log_path = Path(answer_log if self._world_size == 1 else f"{answer_log}.rank{self._rank}")
+            self._logged = read_answer_log(self._log_path)
+            if self._logged:
+                logger.info("reusing %d answers from %s", len(self._logged), self._log_path)
         self._device = torch.device(device)
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -130,10 +145,15 @@ class UniTokLMMS(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers of generation requests, batched per generation setting, cut at the ``until`` strings."""
         results: list[str | None] = [None] * len(requests)
+        keys = [self._key(r) for r in requests]
         groups: dict[str, list[int]] = defaultdict(list)
         for i, request in enumerate(requests):
-            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
-        bar = tqdm(total=len(requests), desc="unitok generate", disable=self.rank != 0)
+            if keys[i] in self._logged:
+                results[i] = self._logged[keys[i]]
+            else:
+                groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
+        todo = sum(len(g) for g in groups.values())
+        bar = tqdm(total=todo, desc="unitok generate", disable=self.rank != 0)
         for indices in groups.values():
             settings = generation_settings(requests[indices[0]].args[1], self.max_new_tokens)
             until = settings.pop("until")
@@ -149,9 +169,25 @@ class UniTokLMMS(lmms):
                 for i, text in zip(chunk, answers):
                     results[i] = cut_at_stop(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], results[i])
+                self._log({keys[i]: results[i] for i in chunk})
                 bar.update(len(chunk))
         bar.close()
         return results  # type: ignore[return-value]
+
+    def _key(self, request: Instance) -> str:
+        context, gen_kwargs, _, doc_id, task, split = request.args
+        payload = [self._fingerprint, task, split, doc_id, context, gen_kwargs]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _log(self, answers: dict[str, str]) -> None:
+        self._logged.update(answers)
+        if self._log_path is None:
+            return
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps({"key": k, "answer": v}) + "\n" for k, v in answers.items())
+            f.flush()
+            os.fsync(f.fileno())
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         """Not supported: the tasks this model is evaluated on are single-round."""
@@ -185,6 +221,29 @@ class UniTokLMMS(lmms):
             bar.update(len(chunk))
         bar.close()
         return out
+
+
+def _checkpoint_fingerprint(pretrained: str | None) -> str:
+    """Path and weights time of a checkpoint folder (answers of another checkpoint are never reused)."""
+    if pretrained is None:
+        return "in-memory"
+    path = Path(pretrained).resolve()
+    weights = path / "model.safetensors"
+    return f"{path}:{weights.stat().st_mtime_ns if weights.exists() else 0}"
+
+
+def read_answer_log(path: Path) -> dict[str, str]:
+    """``{key: answer}`` of an answer log; a torn last line (killed while writing) is skipped."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+            out[row["key"]] = row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning("%s:%d: skipping an unreadable answer log line", path, lineno)
+    return out
 
 
 def generation_settings(gen_kwargs: dict, default_max_new_tokens: int) -> dict:
