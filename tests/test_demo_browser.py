@@ -175,7 +175,11 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
     expected = backend.mllm.chat(
         [{"role": "user", "content": QUESTION}], [open_image(image_path)], max_new_tokens=MAX_NEW_TOKENS
     )
-    assert len(expected.split()) >= 3, f"the model's answer is too short to watch it stream: {expected!r}"
+    # A trained model may answer in one word; the tiny random one always rambles, so it is watched streaming.
+    streamable = len(expected.split()) >= 3
+    assert streamable or os.environ.get("UNITOK_DEMO_MODEL"), (
+        f"answer too short to watch it stream: {expected!r}"
+    )
     _css(driver, "#chat-question textarea")[0].send_keys(QUESTION)
     _css(driver, "#chat-send")[0].click()
     seen = []
@@ -189,7 +193,7 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
         time.sleep(0.02)
     assert seen and seen[-1] == _words(expected), f"final answer {seen[-1:]} != the model's {expected!r}"
     partial = [s for s in seen[:-1] if _words(expected).startswith(s)]
-    assert partial, f"the answer appeared at once, not streamed: {seen}"
+    assert partial or not streamable, f"the answer appeared at once, not streamed: {seen}"
     assert _words(_text(driver, "#chatbot [data-testid=user]")) == QUESTION
     driver.save_screenshot(str(shots / "demo-chat.png"))
 
