@@ -27,7 +27,9 @@ HELP = "commands: /image PATH (switch image, new conversation), /reset, /help, /
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Chat with the MLLM about an image in the terminal (streamed answers)."
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,

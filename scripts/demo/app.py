@@ -275,7 +275,10 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Web app: chat about an image, text to image, and the tokenizer's reconstructions.",
+    )
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
