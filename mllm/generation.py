@@ -67,12 +67,19 @@ def sample_logits(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    method: str = "multinomial",
 ) -> torch.Tensor:
     """Draw one index per row of ``logits_NV``; ``temperature == 0`` is greedy (argmax).
 
     ``top_k`` keeps the k largest logits (0 = all); ``top_p`` keeps the smallest set of largest-probability
     entries whose mass reaches p (always at least one). Returns LongTensor [N].
+
+    ``method``: ``"multinomial"`` (``torch.multinomial``, which checks its input on the host: a device sync per
+    call) or ``"race"``: the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d., the same distribution
+    without any host sync (a different random stream, so other draws for the same seed).
     """
+    if method not in ("multinomial", "race"):
+        raise ValueError(f"method must be 'multinomial' or 'race', got {method!r}")
     if temperature == 0:
         return logits_NV.argmax(dim=-1)
     logits = logits_NV.float() / temperature
@@ -85,7 +92,10 @@ def sample_logits(
         drop_sorted = mass_before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    probs = logits.softmax(dim=-1)
+    if method == "race":
+        return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -114,6 +124,7 @@ def generate_image_codes(
     guide_always: bool = False,
     progress: Callable[[int, int], None] | None = None,
     reference_merger_cache: bool = False,
+    fast: bool = False,
 ) -> torch.Tensor:
     """Sample the code grids of ``prompts`` (see the module docstring).
 
@@ -131,6 +142,9 @@ def generate_image_codes(
         reference_merger_cache: with the causal merger and ``use_cache``, embed each new position alone, as the
             reference code's cached path does (its published samples were made so); the merger then sees a
             different context than in training. Off by default.
+        fast: a loop without host syncs: exponential-race sampling (same distribution as ``multinomial``, other
+            draws for the same seed; greedy gives the same codes) and code lookups without the range checks
+            (the sampled codes are in range by construction). The default eager path is the reference.
 
     Returns:
         codes LongTensor [B,h,w,K] on the model's device.
@@ -165,12 +179,15 @@ def generate_image_codes(
     state = model.new_image_state()
     hidden_RH = model.decode_hidden(prompt_embeds, mask, positions, cache)[:, -1]
 
+    method = "race" if fast else "multinomial"
+
     def pick(_: int, logits_RV: torch.Tensor) -> torch.Tensor:
         if guided:
             cond, uncond = logits_RV[:b].float(), logits_RV[b:].float()
-            code = sample_logits(uncond + cfg_scale * (cond - uncond), temperature, top_k, top_p, generator)
+            guided_logits = uncond + cfg_scale * (cond - uncond)
+            code = sample_logits(guided_logits, temperature, top_k, top_p, generator, method)
             return torch.cat([code, code])
-        return sample_logits(logits_RV, temperature, top_k, top_p, generator)
+        return sample_logits(logits_RV, temperature, top_k, top_p, generator, method)
 
     out: list[torch.Tensor] = []
     for i in range(total):
@@ -183,12 +200,11 @@ def generate_image_codes(
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
         if use_cache:
-            step = model.embed_next(codes_RK[:, None], state, reference_merger_cache)
-            hidden_RH = model.decode_hidden(step.to(prompt_embeds.dtype), mask, positions[:, -1:], cache)[
-                :, -1
-            ]
+            step = model.embed_next(codes_RK[:, None], state, reference_merger_cache, checked=not fast)
+            step = step.to(prompt_embeds.dtype)
+            hidden_RH = model.decode_hidden(step, mask, positions[:, -1:], cache, sync_free=fast)[:, -1]
         else:
-            image = model.embed_image(torch.stack(out, dim=1)).to(prompt_embeds.dtype)
+            image = model.embed_image(torch.stack(out, dim=1), checked=not fast).to(prompt_embeds.dtype)
             embeds = torch.cat([prompt_embeds, image], dim=1)
             hidden_RH = model.decode_hidden(embeds, mask, positions)[:, -1]
     codes = torch.stack(out, dim=1)[:b]
@@ -208,6 +224,7 @@ def generate_images(
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,
     reference_merger_cache: bool = False,
+    fast: bool = False,
 ) -> GeneratedImages:
     """Text -> image: sample code grids and decode them with the UniTok.
 
@@ -237,6 +254,7 @@ def generate_images(
             depth_cache=use_cache,
             progress=progress,
             reference_merger_cache=reference_merger_cache,
+            fast=fast,
         )
         images = model.decode_codes(codes) if decode else None
     finally:

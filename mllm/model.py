@@ -525,18 +525,32 @@ class UniTokMLLM(nn.Module):
         vecs = self.code_vectors(codes_NK)
         return self.projector(vecs.to(self.projector_dtype))
 
-    def embed_image(self, codes_BLK: torch.Tensor) -> torch.Tensor:
-        """LLM input embeddings [B,L,H] of whole images (or image prefixes) given their codes [B,L,K]."""
+    def embed_image(self, codes_BLK: torch.Tensor, checked: bool = True) -> torch.Tensor:
+        """LLM input embeddings [B,L,H] of whole images (or image prefixes) given their codes [B,L,K].
+
+        ``checked=False`` skips the code range check (a host sync) where the codes are known to be valid.
+        """
+        vecs = None if checked else _unchecked_vectors(self._quantizer(), codes_BLK)
         if self.config.projector == "mlp":
-            return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
-        return self.projector(codes_BLK)
+            if vecs is None:
+                return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
+            return self.projector(vecs.to(self.projector_dtype))
+        return self.projector(codes_BLK) if vecs is None else self.projector.project(vecs)
+
+    def _quantizer(self) -> nn.Module:
+        """The quantizer whose codebooks the projector reads (the merger's own copy, or the UniTok's)."""
+        return self.projector.quantizer if self.config.projector == "causal_attn" else self.unitok.quantizer
 
     def new_image_state(self) -> MergerCache | None:
         """State of an image being generated position by position (the merger's KV cache; None for the MLP)."""
         return MergerCache() if self.config.projector == "causal_attn" else None
 
     def embed_next(
-        self, codes_BTK: torch.Tensor, state: MergerCache | None, reference_merger_cache: bool = False
+        self,
+        codes_BTK: torch.Tensor,
+        state: MergerCache | None,
+        reference_merger_cache: bool = False,
+        checked: bool = True,
     ) -> torch.Tensor:
         """Embeddings [B,T,H] of the next T positions of the images in ``state`` (see :meth:`new_image_state`).
 
@@ -544,11 +558,11 @@ class UniTokMLLM(nn.Module):
         causal merger sees only the new positions (a sequence of length T) instead of the whole image so far; it
         only exists to reproduce that code's published samples.
         """
-        if state is None:
-            return self.embed_image(codes_BTK)
-        if reference_merger_cache:
-            return self.projector(codes_BTK)
-        return self.projector.step(codes_BTK, state)
+        if state is None or reference_merger_cache:
+            return self.embed_image(codes_BTK, checked=checked)
+        if checked:
+            return self.projector.step(codes_BTK, state)
+        return self.projector.project_step(_unchecked_vectors(self.projector.quantizer, codes_BTK), state)
 
     def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B,T,H]: token embeddings, replaced at ``visual_mask`` by the projected codes [B,T,K].
@@ -587,12 +601,21 @@ class UniTokMLLM(nn.Module):
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
+        sync_free: bool = False,
     ) -> torch.Tensor:
         """The LLM's final (normed) hidden states [B,T,H] of ``embeds`` [B,T,H].
 
         ``attention_mask`` [B, cached + T] marks real tokens; with a ``cache`` the new keys/values are appended
-        to it in place.
+        to it in place. ``sync_free`` hands a one-token step its 4-D mask ready-made, so that ``transformers``
+        does not read the padding mask back to the host to decide whether it needs one (SDPA and eager).
         """
+        impl = getattr(self.llm.config, "_attn_implementation", None)
+        if sync_free and embeds.shape[1] == 1 and attention_mask.ndim == 2 and impl in ("sdpa", "eager"):
+            allowed = attention_mask[:, None, None, :].bool()
+            if impl == "eager":
+                zero = torch.zeros((), dtype=embeds.dtype, device=embeds.device)
+                allowed = zero.masked_fill(~allowed, torch.finfo(embeds.dtype).min)
+            attention_mask = allowed
         kwargs = {self._cache_kwarg: cache, "use_cache": cache is not None}
         out = self.llm.get_decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
@@ -694,11 +717,14 @@ class UniTokMLLM(nn.Module):
         use_cache: bool = True,
         progress: Callable[[int, int], None] | None = None,
         reference_merger_cache: bool = False,
+        fast: bool = False,
     ) -> GeneratedImages:
         """Text -> image codes [B,h,w,K] and decoded PIL images; see :func:`unitok.mllm.generation.generate_images`.
 
         ``progress(done, total)`` is called after each generated position. ``reference_merger_cache`` reproduces
-        the reference code's cached generation with the causal merger (see :meth:`embed_next`).
+        the reference code's cached generation with the causal merger (see :meth:`embed_next`). ``fast`` runs the
+        loop without host syncs per position (exponential-race sampling: same distribution, other draws for a
+        seed; greedy is identical).
         """
         return generate_images(
             self,
@@ -713,6 +739,7 @@ class UniTokMLLM(nn.Module):
             use_cache=use_cache,
             progress=progress,
             reference_merger_cache=reference_merger_cache,
+            fast=fast,
         )
 
     def chat(
@@ -837,6 +864,21 @@ def _cache_kwarg(decoder: nn.Module) -> str:
 
 def _resolve_llm(config: MLLMConfig, path: Path) -> str | dict[str, Any]:
     return config.llm if isinstance(config.llm, dict) else _resolve(config.llm, path)
+
+
+def _unchecked_vectors(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor | None:
+    """Code vectors ``[..., D]`` of a multi-codebook quantizer without validating ``codes`` (no host sync).
+
+    Equal to ``quantizer.codes_to_vectors(codes)``: the same L2-normalised rows, gathered. ``None`` for other
+    quantizers (the caller falls back to the checked path).
+    """
+    from unitok.tokenizer.quantizer import MultiCodebookQuantizer
+
+    if not isinstance(quantizer, MultiCodebookQuantizer):
+        return None
+    table = F.normalize(quantizer.codebook.float(), dim=-1)  # [K,V,d]
+    k = torch.arange(table.shape[0], device=codes.device)
+    return table[k, codes].flatten(-2)
 
 
 def _visual_runs(visual_mask: torch.Tensor) -> list[tuple[int, int, int]]:
