@@ -171,6 +171,22 @@ def training_arguments(config: RunConfig) -> tuple[dict[str, Any], bool]:
     return kwargs, checkpointing
 
 
+def _fill_model_sizes(ds: dict[str, Any], model: Any) -> None:
+    """Fill DeepSpeed's "auto" bucket sizes from the LLM's hidden size H, with the Trainer's rules (H*H, 0.9*H*H,
+    10*H); the Trainer reads H from ``model.config``, which for the MLLM is not the LLM's config."""
+    llm = model.llm.get_base_model() if hasattr(model.llm, "peft_config") else model.llm
+    hidden = llm.config.hidden_size
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    zero = ds.get("zero_optimization", {})
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
 def _last_checkpoint(output_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -211,6 +227,8 @@ def train(config: RunConfig) -> TrainResult:
     if checkpointing:
         model.enable_gradient_checkpointing()
     unitok = detach_unitok(model)
+    if args.deepspeed:
+        _fill_model_sizes(args.hf_deepspeed_config.config, model)
     dataset = MixtureDataset(model.builder, config.data.stores, config.data.texts, seed=config.data.seed)
     summary = {kind: s.to_dict() for kind, s in dataset.summary.items()}
     if is_main:
