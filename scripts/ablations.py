@@ -2,8 +2,9 @@
 
 Each finding trains a few ``unitok-tiny`` variants through the real trainer (``unitok.tokenizer.train``,
 preset ``unitok-tiny-synth``) with the same budget and seed, evaluates each on the held-out split of the
-synthetic world, and writes one table per finding to ``docs/ABLATIONS.md`` plus every number to
-``docs/ablations.json``:
+synthetic world, and writes one table per finding to ``OUT/ABLATIONS.md`` plus every number to
+``OUT/ablations.json`` (the published ``docs/ABLATIONS.md`` came from ``--doc docs/ABLATIONS.md --json
+docs/ablations.json``):
 
 1. ``mcq-vs-rq``: multi-codebook vs residual quantization at the same code shape (D=64, K=8, V=256):
    quantization error and reconstruction.
@@ -735,7 +736,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Reproduce the UniTok paper's tokenizer findings in miniature (unitok-tiny on the synthetic "
-        "world): train each variant with the same budget, evaluate on held-out data, write docs/ABLATIONS.md.",
+        "world): train each variant with the same budget, evaluate on held-out data, write OUT/ABLATIONS.md.",
     )
     p.add_argument("--finding", choices=("all", *FINDINGS), default="all")
     p.add_argument("--steps", type=int, default=400, help="training steps per run (default %(default)s)")
@@ -748,13 +749,20 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="train every variant once per seed; tables show the mean and half the range (default 0 1)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
-    p.add_argument("--world", default="runs/world64", help="synthetic world folder (unitok data synth)")
+    p.add_argument(
+        "--world",
+        default="runs/world",
+        help="synthetic world folder, as the README's `unitok data synth --out runs/world --size 64` writes it "
+        "(default %(default)s)",
+    )
     p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate on")
     p.add_argument("--max-eval-images", type=int, help="at most this many images per evaluation set")
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--out", default="runs/ablations", help="folder of the runs (default %(default)s)")
-    p.add_argument("--doc", default="docs/ABLATIONS.md", help="markdown report (default %(default)s)")
-    p.add_argument("--json", default="docs/ablations.json", help="JSON of all results (default %(default)s)")
+    p.add_argument(
+        "--doc", help="markdown report (default: OUT/ABLATIONS.md; docs/ABLATIONS.md only when asked)"
+    )
+    p.add_argument("--json", help="JSON of all results (default: OUT/ablations.json)")
     p.add_argument(
         "--set",
         dest="extra",
@@ -798,7 +806,8 @@ def run_sweep(args: argparse.Namespace, world: Path, prog: str, argv: list[str] 
     markdown reports."""
     out_dir = Path(args.out)
     findings = FINDINGS if args.finding == "all" else (args.finding,)
-    json_path, doc_path = Path(args.json), Path(args.doc)
+    json_path = Path(args.json) if args.json else out_dir / "ablations.json"
+    doc_path = Path(args.doc) if args.doc else out_dir / "ABLATIONS.md"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else None
     results: dict[tuple[str, int], dict] = {}
     report_findings = {}

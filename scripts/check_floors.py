@@ -35,6 +35,10 @@ CHECKED = (
     "webdataset",
     "torch-fidelity",
 )
+# Not dependencies of ours, but present in the test environment (lmms-eval brings datasets) and imported by
+# transformers.Trainer when present; a copy that needs a newer huggingface_hub than the floor would fail there,
+# so the check installs one from the floors' time, as a floor install would resolve it.
+COMPANIONS = ("datasets==3.0.0",)
 # The APIs whose first release sets a floor, as statements run under the floor versions.
 PROBES = (
     "from timm.layers import calculate_drop_path_rates",
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     missing = [name for name in CHECKED if name not in floors]
     if missing:
         parser.error(f"setup.py gives no >= floor for {missing}")
-    pins = [f"{name}=={floors[name]}" for name in CHECKED]
+    pins = [f"{name}=={floors[name]}" for name in CHECKED] + list(COMPANIONS)
     with tempfile.TemporaryDirectory(prefix="unitok-floors-") as scratch:
         target = Path(args.keep or scratch)
         logger.info("installing %s into %s", " ".join(pins), target)

@@ -88,3 +88,13 @@ def test_every_core_dependency_is_used():
             unused.append(name)
     assert not unused, f"core dependencies never imported: {unused}"
     assert "datasets" not in _core_names()
+
+
+def test_ablations_defaults_match_the_readme_and_stay_out_of_docs():
+    from unitok.scripts.ablations import build_parser
+
+    args = build_parser().parse_args([])
+    readme = (ROOT / "README.md").read_text()
+    assert f"unitok data synth --out {args.world} " in readme
+    assert args.doc is None and args.json is None  # written under --out unless asked
+    assert not args.out.startswith("docs")
