@@ -4,8 +4,9 @@
 
 Times code generation only (no UniTok decoding) of the random-init ``tiny`` preset on ``unitok-tiny`` codes at
 ``--image-size`` pixels (256 px -> a 16x16 grid = 256 positions, K=8 sub-codes each), in one run, for:
-LLM cache + depth-head cache (the default), LLM cache + depth-head recompute, and full recompute (the
-reference path). Also prints the parameter counts of the projector and depth head of the ``llama2-7b`` preset,
+the sync-free loop (``fast=True``), LLM cache + depth-head cache (the default), LLM cache + depth-head
+recompute, and full recompute (the reference path). Also counts ATen ops and host reads (device syncs on a GPU)
+per generated position of the eager and the sync-free loop. Also prints the parameter counts of the projector and depth head of the ``llama2-7b`` preset,
 built on the meta device (no weights needed), next to the reference UniTok-MLLM head. Prints markdown tables.
 """
 
@@ -76,7 +77,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_generation(
-    model, prompts, grid, use_cache: bool, depth_cache: bool, repeats: int
+    model, prompts, grid, use_cache: bool, depth_cache: bool, repeats: int, fast: bool = False
 ) -> tuple[float, float, int]:
     """Best wall time (s) and process CPU time (s) over ``repeats`` runs of greedy code generation with CFG,
     and peak CUDA bytes (0 on CPU)."""
@@ -90,7 +91,14 @@ def time_generation(
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
         generate_image_codes(
-            model, prompts, grid, cfg_scale=3.0, temperature=0.0, use_cache=use_cache, depth_cache=depth_cache
+            model,
+            prompts,
+            grid,
+            cfg_scale=3.0,
+            temperature=0.0,
+            use_cache=use_cache,
+            depth_cache=depth_cache,
+            fast=fast,
         )
         _sync(device)
         best = min(best, time.perf_counter() - start)
@@ -98,6 +106,41 @@ def time_generation(
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
     return best, best_cpu, peak
+
+
+def ops_per_position(model, prompts, fast: bool) -> tuple[float, float]:
+    """(ATen ops, host reads) per generated position, sampled (top-k 50, top-p 0.9, CFG 3): the difference
+    between a 4x4 and a 2x2 grid divided by the 12 extra positions (the prompt's share cancels)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from unitok.mllm.generation import generate_image_codes
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            # What .item() / int(tensor) / multinomial's checks run: a device -> host sync on a GPU.
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for grid in ((2, 2), (4, 4)):
+        with Count() as counter:
+            generate_image_codes(
+                model,
+                prompts,
+                grid,
+                cfg_scale=3.0,
+                top_k=50,
+                top_p=0.9,
+                fast=fast,
+                generator=torch.Generator(),
+            )
+        counts.append((counter.ops, counter.reads))
+    return (counts[1][0] - counts[0][0]) / 12, (counts[1][1] - counts[0][1]) / 12
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -131,11 +174,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     time_generation(model, captions, (2, 2), True, True, 1)  # warm-up
 
     modes = [
-        ("LLM KV cache + depth-head KV cache", True, True),
-        ("LLM KV cache + depth-head recompute", True, False),
+        ("LLM KV cache + depth-head KV cache, sync-free loop (fast=True)", True, True, True),
+        ("LLM KV cache + depth-head KV cache", True, True, False),
+        ("LLM KV cache + depth-head recompute", True, False, False),
     ]
     if not args.skip_uncached:
-        modes.append(("recompute whole prefix (reference)", False, False))
+        modes.append(("recompute whole prefix (reference)", False, False, False))
     print(
         f"\nImage generation, tiny preset (Llama hidden 64, 2 layers; depth head 2 x width 64), random init, "
         f"unitok-tiny codes at {args.image_size} px = {grid[0]}x{grid[1]} = {positions} positions x "
@@ -149,15 +193,24 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for batch in args.batch:
         prompts = [captions[i % len(captions)] for i in range(batch)]
         rows = [
-            (name, *time_generation(model, prompts, grid, uc, dc, args.repeats)) for name, uc, dc in modes
+            (name, *time_generation(model, prompts, grid, uc, dc, args.repeats, fast))
+            for name, uc, dc, fast in modes
         ]
-        base_wall, base_cpu = (rows[-1][1], rows[-1][2]) if not args.skip_uncached else (float("nan"),) * 2
+        base = rows[-1] if not args.skip_uncached else rows[1]  # today's default loop without the baseline
+        base_wall, base_cpu = base[1], base[2]
         for name, wall, cpu, peak in rows:
             peak_text = f"{peak / 2**20:.1f}" if peak else "n/a (CPU)"
             print(
                 f"| {batch} | {name} | {wall:.2f} | {cpu:.2f} | {batch * positions / wall:.1f} | {batch / wall:.3f} "
                 f"| {base_wall / wall:.1f}x | {base_cpu / cpu:.1f}x | {peak_text} |"
             )
+    print(
+        "\n| loop (batch 4, sampled: top-k 50, top-p 0.9, CFG 3) | ATen ops / position | host reads / position |"
+    )
+    print("|---|---|---|")
+    for name, fast in (("eager (default)", False), ("sync-free (fast=True)", True)):
+        ops, reads = ops_per_position(model, captions, fast)
+        print(f"| {name} | {ops:.0f} | {reads:.1f} |")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nPeak resident memory of the whole process (all modes): {rss:.0f} MiB\n")
 
