@@ -28,7 +28,7 @@ from mllm_helpers import one_thread, tiny_mllm, tiny_unitok  # noqa: F401
 from PIL import Image
 
 from unitok.scripts.demo.backend import DemoBackend
-from unitok.scripts.demo.uploads import open_image
+from unitok.scripts.demo.uploads import UploadLimits, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ CHROMIUM_FLAGS = (
 )
 WAIT_S = 90
 QUESTION = "what colour is the shape ?"
+UPLOAD_LIMIT = UploadLimits(max_bytes=100_000)
 MAX_NEW_TOKENS = 128
 
 
@@ -75,12 +76,12 @@ def demo(tmp_path_factory):
 
     model = os.environ.get("UNITOK_DEMO_MODEL")
     if model:
-        backend = DemoBackend.load(model)
+        backend = DemoBackend.load(model, UPLOAD_LIMIT)
     else:
         mllm = tiny_mllm(tiny_unitok())
-        backend = DemoBackend(mllm.unitok, mllm)
+        backend = DemoBackend(mllm.unitok, mllm, UPLOAD_LIMIT)
     app = build_app(backend, model or "tiny random model")
-    url = launch(app, port=free_port(), block=False)
+    url = launch(app, port=free_port(), limits=UPLOAD_LIMIT, block=False)
     assert url.startswith(f"http://{LOCALHOST}:"), f"the demo should bind {LOCALHOST} by default, got {url}"
     yield url.rstrip("/"), backend
     app.close()
@@ -238,7 +239,7 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
         )
     driver.save_screenshot(str(shots / "demo-text-to-image.png"))
 
-    # ---- Tokenizer: original beside reconstruction, grid, bits, PSNR; then a bad upload gets a message.
+    # ---- Tokenizer: original beside reconstruction, grid, bits, PSNR; then bad uploads get a message.
     _open_tab(driver, "Tokenizer")
     _css(driver, "#tok-upload input[type=file]")[0].send_keys(str(image_path))
     stats = _wait(
@@ -262,6 +263,18 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
     message = _toast(driver)
     assert "holiday.png is not an image" in message
     assert "Traceback" not in driver.find_element("tag name", "body").text
+
+    big = tmp_path / "noise.png"
+    Image.frombytes("RGB", (256, 256), os.urandom(256 * 256 * 3)).save(big)
+    assert big.stat().st_size > UPLOAD_LIMIT.max_bytes
+    for close in _css(driver, "[data-testid=toast-close]"):
+        close.click()
+    _wait(driver, lambda d: not _text(d, "[data-testid=toast-body]"), "the error message to close")
+    _css(driver, "#tok-upload button[aria-label='Clear']")[0].click()
+    upload = _wait(driver, lambda d: _css(d, "#tok-upload input[type=file]"), "the upload area back")
+    upload[0].send_keys(str(big))
+    message = _toast(driver)
+    assert "exceed the maximum allowed size" in message and "noise.png" in message
 
     # ---- Nothing but the app itself was fetched.
     foreign = set()
