@@ -60,6 +60,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "unitok.scripts.bench_tokenizer",
         "encode/decode throughput, memory, parameter counts",
     ),
+    "bench train-step": (
+        "unitok.scripts.bench_train_step",
+        "tokenizer training step: host syncs, ATen ops, GFLOP, activation memory (CPU)",
+    ),
+    "bench gpu-tokenizer": (
+        "unitok.scripts.gpu_check_tokenizer",
+        "UniTok-L training-step img/s at bf16 on a GPU",
+    ),
     "bench eval": ("unitok.scripts.bench_eval", "tokenizer evaluation throughput"),
     "bench extract": (
         "unitok.scripts.bench_extract",
