@@ -92,8 +92,6 @@ def measure(preset: str, mode: str, parts: str, batch: int, steps: int, use_lpip
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "syncs_per_step": syncs,
     }
-    del model, optimizer, lpips
-    torch.cuda.empty_cache()
     return result
 
 
@@ -103,9 +101,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32, help="images per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["before", "after"])
-    parser.add_argument(
-        "--checkpoint-parts", nargs="+", choices=sorted(CHECKPOINT_PRESETS), default=["none"]
-    )
+    parser.add_argument("--checkpoint-parts", nargs="+", choices=sorted(CHECKPOINT_PRESETS), default=["none"])
     parser.add_argument("--lpips", action="store_true", help="add LPIPS (random VGG weights, same cost)")
     return parser
 
@@ -119,7 +115,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.preset}, bf16 autocast\n")
-    print("| mode | checkpointed parts | batch | img/s | peak GiB | syncs / step |\n|---|---|---:|---:|---:|---:|")
+    print(
+        "| mode | checkpointed parts | batch | img/s | peak GiB | syncs / step |\n|---|---|---:|---:|---:|---:|"
+    )
     for parts in args.checkpoint_parts:
         for mode in args.modes:
             try:
@@ -128,6 +126,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 print(f"| {mode} | {parts} | {args.batch} | out of memory | | |", flush=True)
                 torch.cuda.empty_cache()
                 continue
+            torch.cuda.empty_cache()
             print(
                 f"| {row['mode']} | {parts} | {row['batch']} | {row['img_per_s']:.1f} | {row['peak_gib']:.1f} "
                 f"| {row['syncs_per_step']} |",
