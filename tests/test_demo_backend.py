@@ -97,7 +97,10 @@ def test_find_checkpoint_prefers_an_mllm_and_the_final_one(tmp_path):
     assert find_checkpoint(tmp_path).kind == "tokenizer"
     mllm = tiny_mllm(unitok)
     mllm.save_pretrained(tmp_path / "mllm" / "final")
-    mllm.save_pretrained(tmp_path / "mllm" / "checkpoints" / "step-1")
+    # The MLLM trainer's layout: a run folder with its own text tokenizer, resumable checkpoints, then final/.
+    mllm.save_pretrained(tmp_path / "mllm" / "checkpoint-1" / "mllm")
+    mllm.text_tokenizer.save_pretrained(str(tmp_path / "mllm" / "text_tokenizer"))
+    (tmp_path / "mllm" / "run_config.json").write_text("{}")
     found = find_checkpoint(tmp_path)
     assert (found.kind, found.path) == ("mllm", tmp_path / "mllm" / "final")
     # The UniTok saved inside the MLLM checkpoint is a part of it, not a candidate.
