@@ -169,7 +169,10 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     chat_file = gr.File(
-                        label="Upload an image", file_types=["image"], type="filepath", elem_id="chat-upload"
+                        label="Upload an image (starts a new conversation)",
+                        file_types=["image"],
+                        type="filepath",
+                        elem_id="chat-upload",
                     )
                     chat_preview = gr.Image(
                         label="Image",
