@@ -74,10 +74,14 @@ def test_local_paths_win_over_hub_ids(tok, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tok.save_pretrained(tmp_path / "org" / "name")
     assert not is_hub_id("org/name")  # an existing folder
-    assert is_hub_id("org/other") and not is_hub_id("a/b/c") and not is_hub_id("./x") and not is_hub_id("x")
+    assert not is_hub_id("org/typo")  # a missing folder inside an existing one: a mistyped local path
+    assert (
+        is_hub_id("someone/other") and not is_hub_id("a/b/c") and not is_hub_id("./x") and not is_hub_id("x")
+    )
     assert UniTok.from_pretrained("org/name").config == tok.config
-    with pytest.raises(FileNotFoundError, match="Hub id"):
-        UniTok.from_pretrained("a/b/c")
+    for missing in ("a/b/c", "org/typo"):
+        with pytest.raises(FileNotFoundError, match="Hub id"):
+            UniTok.from_pretrained(missing)
 
 
 def test_model_card(tok, tmp_path):

@@ -344,8 +344,12 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def is_hub_id(text: str | os.PathLike) -> bool:
-    """Whether ``text`` reads as a Hub repository id ``owner/name`` and is not an existing local path."""
-    return isinstance(text, str) and bool(_HUB_ID.fullmatch(text)) and not Path(text).exists()
+    """Whether ``text`` reads as a Hub repository id ``owner/name`` rather than a local path.
+
+    An existing path, or one whose ``owner`` part is an existing local folder (``runs/typo``), is local: a
+    mistyped path must fail at once, not after the Hub client's network retries.
+    """
+    return isinstance(text, str) and bool(_HUB_ID.fullmatch(text)) and not Path(text).parent.exists()
 
 
 def download_checkpoint(
