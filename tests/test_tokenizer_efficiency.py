@@ -184,3 +184,15 @@ def test_uint8_batches_round_trip_bit_exactly():
 def test_config_dataclass_replace_keeps_validation():
     with pytest.raises(ValueError):
         dataclasses.replace(tiny_config(), channels_last="yes")
+
+
+def test_text_id_check_reports_bad_ids_and_passes_good_ones():
+    from unitok.tokenizer.text import check_text_ids
+
+    check_text_ids(torch.tensor([[0, 5, 49407]]), context_length=77, vocab_size=49408)
+    with pytest.raises(ValueError, match=r"\[0, 49408\), got \[-1, 5\]"):
+        check_text_ids(torch.tensor([[-1, 5]]), context_length=77, vocab_size=49408)
+    with pytest.raises(ValueError, match="integer tensor"):
+        check_text_ids(torch.zeros(1, 4), context_length=77, vocab_size=49408)
+    with pytest.raises(ValueError, match="at most 3"):
+        check_text_ids(torch.zeros(1, 4, dtype=torch.long), context_length=3, vocab_size=49408)

@@ -43,3 +43,34 @@ def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise ValueError(f"expected a list of strings, got {type(texts).__name__}")
     return open_clip_tokenizer.tokenize(list(texts), context_length=context_length)
+
+
+def check_text_ids(ids: torch.Tensor, context_length: int, vocab_size: int) -> None:
+    """Validate open_clip ids ``[B,T]``: an integer tensor, ``0 < T <= context_length``, values in ``[0, vocab_size)``.
+
+    Shape and dtype raise ``ValueError`` at once. The value range needs the values: on the CPU they are read
+    (a ``ValueError`` naming the range found); on an accelerator the check is a device-side assertion
+    (``torch._assert_async``), which fails the step asynchronously instead of making the host wait for the
+    device in every training step.
+    """
+    if (
+        not isinstance(ids, torch.Tensor)
+        or ids.ndim != 2
+        or ids.is_floating_point()
+        or ids.dtype == torch.bool
+    ):
+        described = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"expected text ids as an integer tensor [B,T], got {described}")
+    if not 0 < ids.shape[1] <= context_length:
+        raise ValueError(f"expected at most {context_length} text ids per row, got {ids.shape[1]}")
+    if ids.numel() == 0:
+        return
+    if ids.device.type == "cpu":
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"text ids out of range: expected values in [0, {vocab_size}), got [{low}, {high}]"
+            )
+        return
+    in_range = (ids.min() >= 0) & (ids.max() < vocab_size)
+    torch._assert_async(in_range, f"text ids out of range: expected values in [0, {vocab_size})")

@@ -224,11 +224,14 @@ class LPIPS(nn.Module):
             )
         if min(rec_B3HW.shape[-2:]) < self.min_size:
             return rec_B3HW.new_zeros((), dtype=torch.float32)
-        batch = rec_B3HW.shape[0]
         with torch.autocast(device_type=rec_B3HW.device.type, enabled=False):
-            both = (torch.cat([rec_B3HW, img_B3HW]).float() - self.shift) / self.scale
+            rec_feats = self.net((rec_B3HW.float() - self.shift) / self.scale)
+            # The target (data, no gradient) runs apart under no_grad: its VGG activations are neither kept
+            # for the backward pass nor back-propagated through, which halves LPIPS's backward.
+            with torch.no_grad() if not img_B3HW.requires_grad else contextlib.nullcontext():
+                img_feats = self.net((img_B3HW.float() - self.shift) / self.scale)
             distance = rec_B3HW.new_zeros((), dtype=torch.float32)
-            for feats, lin in zip(self.net(both), self.lins):
-                diff = (_unit_normalize(feats[:batch]) - _unit_normalize(feats[batch:])).square()
+            for rec_f, img_f, lin in zip(rec_feats, img_feats, self.lins):
+                diff = (_unit_normalize(rec_f) - _unit_normalize(img_f)).square()
                 distance = distance + lin(diff).mean()
         return distance
