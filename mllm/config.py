@@ -166,6 +166,11 @@ class MLLMConfig:
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.extend_vocab and self.conversation != "vicuna_v1":
+            raise ValueError(
+                "extend_vocab=False (no <image> token) needs conversation='vicuna_v1', whose prompts place images "
+                f"by the placeholder text; got conversation={self.conversation!r}"
+            )
         if not (math.isfinite(self.z_loss_weight) and self.z_loss_weight >= 0):
             raise ValueError(f"z_loss_weight must be a finite number >= 0, got {self.z_loss_weight}")
         if not math.isfinite(self.code_loss_weight):

@@ -95,13 +95,13 @@ def resolve_checkpoint(
     if local.exists() or len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
         raise ValueError(f"{text} is neither a checkpoint directory nor a Hugging Face Hub id ('owner/name')")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         folder = snapshot_download(
             repo_id=text, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
         )
-    except (LocalEntryNotFoundError, RepositoryNotFoundError) as err:
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as err:
         raise ValueError(
             f"{text} is not a local checkpoint directory and could not be fetched from the Hugging Face Hub "
             f"({type(err).__name__}: {err})"

@@ -20,6 +20,11 @@ def test_preset_overrides_and_replace():
     assert cfg.use_lora and cfg.cfg_dropout == 0.2
     assert cfg.replace(lora_r=0).use_lora is False
     assert MLLMConfig.preset("llama2-7b").llm == "meta-llama/Llama-2-7b-hf"
+    release = MLLMConfig.preset("unitok-mllm-7b")
+    assert (release.projector, release.depth_head, release.extend_vocab) == ("causal_attn", "llama", False)
+    assert (
+        release.llm["hidden_size"] == 4096 and release.boi_token == "<0x00>" and release.z_loss_weight == 5e-5
+    )
 
 
 @pytest.mark.parametrize(
@@ -39,6 +44,12 @@ def test_preset_overrides_and_replace():
         {"depth_layers": 0},
         {"code_loss_weight": -1.0},
         {"lora_r": -1},
+        {"extend_vocab": False},  # no <image> token needs the placeholder-text (vicuna_v1) prompts
+        {"projector": "qformer"},
+        {"depth_head": "rnn"},
+        {"conversation": "chatml"},
+        {"image_resize": "stretch"},
+        {"projector": "causal_attn", "projector_attn_width": 100, "projector_attn_heads": 16},
     ],
 )
 def test_invalid_configs_raise(changes):
