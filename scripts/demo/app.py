@@ -293,9 +293,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help=f"serve on all network interfaces ({ALL_INTERFACES}) instead of {LOCALHOST} only",
     )
-    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    defaults = UploadLimits()
     parser.add_argument(
-        "--max-upload-pixels", type=int, default=40_000_000, help="largest accepted image (width * height)"
+        "--max-upload-mb", type=float, default=defaults.max_bytes / 2**20, help="largest accepted upload"
+    )
+    parser.add_argument(
+        "--max-upload-pixels",
+        type=int,
+        default=defaults.max_pixels,
+        help="largest accepted image (width * height)",
     )
     parser.add_argument(
         "--queue-size", type=int, default=16, help="requests waiting at most; more are refused"
@@ -320,6 +326,7 @@ def launch(
 ) -> str:
     """Queue and serve ``app`` (no share link); returns its URL. ``block=False`` returns at once."""
     limits = limits or UploadLimits()
+    port = port or free_port(host)
     if host != LOCALHOST:
         logger.warning(
             "serving on %s: anyone who can reach this machine on port %d can use the model", host, port
@@ -327,7 +334,7 @@ def launch(
     app.queue(default_concurrency_limit=1, max_size=queue_size)
     app.launch(
         server_name=host,
-        server_port=port or free_port(host),
+        server_port=port,
         share=False,
         max_file_size=limits.max_bytes,
         ssr_mode=False,
