@@ -218,7 +218,13 @@ def load_release(
             f"the UniTok (K, V, D) = {have} does not match the released merger's codebooks {want}"
         )
     if text_tokenizer is None:
-        text_tokenizer = load_text_tokenizer(path)
+        try:
+            text_tokenizer = load_text_tokenizer(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"no text tokenizer in {path} ({err}); pass text_tokenizer= (the Llama-2 tokenizer, e.g. "
+                "'meta-llama/Llama-2-7b-hf')"
+            ) from err
     elif isinstance(text_tokenizer, (str, os.PathLike)):
         text_tokenizer = load_text_tokenizer(text_tokenizer)
     llm_fields = llama_config_dict(release_config)

@@ -313,3 +313,15 @@ def test_text_only_batch_keeps_every_part_in_the_graph(unitok):
     assert out.num_code_targets == 0 and out.code_loss.item() == 0.0
     assert all(p.grad is not None for _, p in model.trainable_parameters())
     assert not any(n.startswith("projector.quantizer.") for n, _ in model.trainable_parameters())
+
+
+def test_a_folder_without_tokenizer_files_asks_for_one(release_unitok, tmp_path):
+    write_release_folder(tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "notok" / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="text_tokenizer="):
+        UniTokMLLM.from_pretrained(tmp_path / "notok", unitok=release_unitok)
+    model = UniTokMLLM.from_pretrained(
+        tmp_path / "notok", unitok=release_unitok, text_tokenizer=release_text_tokenizer()
+    )
+    assert model.builder.ids.eoi == model.text_tokenizer.convert_tokens_to_ids("<0x01>")
