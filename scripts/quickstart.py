@@ -103,6 +103,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="text-to-image sampling override (fields of SamplingRecipe, e.g. images_per_prompt=1)",
     )
     parser.add_argument(
+        "--vqa-limit", type=int, default=None, help="answer only this many held-out questions (default: all)"
+    )
+    parser.add_argument(
         "--max-prompts",
         type=int,
         default=None,
@@ -283,9 +286,11 @@ class Pipeline:
         from unitok.scripts import quickstart_mllm as qm
 
         if self.engine == "commands":
-            result = qm.eval_vqa_command(self.mllm_dir, self.world, self.out / "vqa")
+            result = qm.eval_vqa_command(
+                self.mllm_dir, self.world, self.out / "vqa", limit=self.args.vqa_limit
+            )
         else:
-            result = qm.eval_vqa_library(self.mllm_dir, self.world, self.codes_dir)
+            result = qm.eval_vqa_library(self.mllm_dir, self.world, self.codes_dir, limit=self.args.vqa_limit)
         _save_qa_examples(self.out, self.world, result["examples"])
         result["example_images"] = "qa_examples"
         return result

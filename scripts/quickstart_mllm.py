@@ -238,14 +238,16 @@ def normalise_answer(text: str) -> str:
     return text.strip().lower().rstrip(".")
 
 
-def eval_vqa_library(model_dir: Path, world: Path, codes_dir: Path, batch: int = 64) -> dict:
+def eval_vqa_library(
+    model_dir: Path, world: Path, codes_dir: Path, batch: int = 64, limit: int | None = None
+) -> dict:
     """Greedy answers to every test question, exact match per question kind."""
     from unitok.mllm import UniTokMLLM
 
     model = UniTokMLLM.from_pretrained(model_dir).eval()
     codes, ids = load_codes(codes_dir, "test")
     records = {r["id"]: r for r in read_records(world, "test")}
-    items = [(i, sid, qa) for i, sid in enumerate(ids) for qa in records[sid]["qa"]]
+    items = [(i, sid, qa) for i, sid in enumerate(ids) for qa in records[sid]["qa"]][:limit]
     rows = []
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
@@ -460,10 +462,14 @@ def train_mllm_command(codes_dir: Path, out: Path, recipe: MLLMRecipe, progress:
     }
 
 
-def eval_vqa_command(model_dir: Path, world: Path, out: Path, batch: int = 64) -> dict:
+def eval_vqa_command(
+    model_dir: Path, world: Path, out: Path, batch: int = 64, limit: int | None = None
+) -> dict:
     """``unitok eval-vqa --tasks synth_vqa`` (lmms-eval) on the world's test questions."""
     argv = ["--model", str(model_dir), "--tasks", "synth_vqa", "--data", str(world), "--out", str(out)]
     argv += ["--batch-size", str(batch), "--device", "cpu", "--no-cache"]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
     _run_command("eval-vqa", argv)
     report = json.loads((out / "results.json").read_text())
     metrics = report["tasks"]["synth_vqa"]

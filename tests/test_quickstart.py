@@ -30,7 +30,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
         "--set", "logging.tensorboard=false", "--set", "train.cpu_threads=1",
         "--mllm", "steps=3", "--mllm", "batch=4", "--mllm", "hidden=32", "--mllm", "layers=1",
         "--mllm", "intermediate=64", "--mllm", "depth_width=32",
-        "--sampling", "images_per_prompt=1", "--max-prompts", "6", "--no-progress",
+        "--sampling", "images_per_prompt=1", "--max-prompts", "6", "--vqa-limit", "10", "--no-progress",
     ]  # fmt: skip
     assert quickstart.main(argv) == 0
     for stage in quickstart.STAGES:
@@ -46,7 +46,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
     assert results["tokenizer"]["steps"] == 2 and len(results["tokenizer"]["usage"]) == 8
     assert results["codes"]["images"]["test"] == 6
     assert set(results["vqa"]["per_type"]) <= set(quickstart.QA_TYPES)
-    assert results["vqa"]["questions"] > 0 and results["generation"]["prompts"] == 6
+    assert results["vqa"]["questions"] == 10 and results["generation"]["prompts"] == 6
     assert set(summary["stages"]) == set(quickstart.STAGES) - {"report"}
     report = (out / "REPORT.md").read_text()
     for section in SECTIONS:
