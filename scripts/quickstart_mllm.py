@@ -31,15 +31,15 @@ class MLLMRecipe:
     """The quick start's MLLM: a small random-init Llama on the tiny word-level vocabulary, trained from
     scratch on the world's question/answer pairs (image -> text) and captions (text -> image codes)."""
 
-    hidden: int = 96
-    layers: int = 3
+    hidden: int = 64
+    layers: int = 2
     heads: int = 4
-    intermediate: int = 256
-    depth_width: int = 96
+    intermediate: int = 176
+    depth_width: int = 64
     depth_layers: int = 2
     depth_heads: int = 4
     steps: int = 800
-    batch: int = 64
+    batch: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup: int = 50  # library path only; the command uses its preset's warmup ratio
