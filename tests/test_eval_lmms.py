@@ -235,3 +235,40 @@ def test_eval_vqa_bad_inputs(world, model_dir, tmp_path, capsys):
     argv = ["--model", str(empty), "--tasks", "synth_vqa", "--data", str(world), "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_lmms_eval_data_parallel_two_processes(world, model_dir, tmp_path):
+    """``torchrun -m lmms_eval --model unitok``: two ranks split the questions and lmms-eval gathers every answer."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    prepared = prepare_synth_vqa(world, tmp_path / "tasks")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "lmms_eval", "--model", "unitok", "--tasks", "synth_vqa", "--batch_size", "4"]
+    cmd += ["--model_args", f"pretrained={model_dir},max_new_tokens=2,answer_log={log}"]
+    cmd += [
+        "--include_path",
+        str(tmp_path / "tasks"),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--log_samples",
+    ]
+    env = {**os.environ, "LMMS_EVAL_PLUGINS": "unitok.eval.lmms", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank answered its share (lmms-eval pads the shorter share with a repeat so the ranks stay in step).
+    per_rank = [
+        {json.loads(line)["key"] for line in Path(f"{log}.rank{r}").read_text().splitlines()} for r in (0, 1)
+    ]
+    assert all(per_rank) and not per_rank[0] & per_rank[1]
+    assert len(per_rank[0] | per_rank[1]) == prepared["questions"]
+    (samples,) = (tmp_path / "out").rglob("*samples_synth_vqa.jsonl")
+    assert len(samples.read_text().splitlines()) == prepared["questions"]

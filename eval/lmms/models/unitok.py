@@ -1,8 +1,8 @@
 """The ``unitok`` lmms-eval model: a UniTok MLLM checkpoint answering lmms-eval's requests.
 
 ``python -m lmms_eval --model unitok --model_args pretrained=DIR[,batch_size=8,dtype=bfloat16] --tasks ...``;
-under ``accelerate launch --num_processes N -m lmms_eval ...`` every process loads the model on its own GPU and
-lmms-eval gives each rank its share of the requests (data parallel).
+under ``accelerate launch --num_processes N -m lmms_eval ...`` (or ``torchrun``) every process loads the model on
+its own GPU and lmms-eval gives each rank its share of the requests (data parallel).
 
 - ``generate_until``: requests are grouped by their generation settings and answered in batches of
   ``batch_size`` through :meth:`UniTokMLLM.answer` (``max_new_tokens``, greedy unless ``do_sample`` /
@@ -46,7 +46,7 @@ class UniTokLMMS(lmms):
 
     Args:
         pretrained: MLLM checkpoint folder (``save_pretrained`` output).
-        device: torch device; default ``cuda`` (the local rank's GPU under accelerate) when available, else cpu.
+        device: torch device; default ``cuda`` (the local rank's GPU under a launcher) when available, else cpu.
         batch_size: requests per forward.
         dtype: cast the model (``float32``, ``bfloat16``, ``float16``); default: as saved.
         max_new_tokens: answer length when a task does not set one.
@@ -75,14 +75,13 @@ class UniTokLMMS(lmms):
         super().__init__()
         if kwargs:
             logger.warning("unitok lmms-eval model: ignoring unknown model_args %s", sorted(kwargs))
+        # torchrun and accelerate launch both set these; lmms-eval shards the requests by them (and builds its own
+        # Accelerator for the gathers).
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size > 1:
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator()
-            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-            if device is None:
-                device = str(self.accelerator.device)
+            self._rank, self._world_size = int(os.environ.get("RANK", 0)), world_size
+            if device is None and torch.cuda.is_available():
+                device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         device = device or default_device()
         if model is None:
             if pretrained is None:
