@@ -40,7 +40,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import unitok.tokenizer
@@ -272,6 +272,21 @@ def _meta_model(config: TokenizerConfig) -> UniTok:
     return model
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP table has the CUDA attention kernels only; the whole-model counts run on (fake) CPU tensors.
+_CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def _flop_table(counter: FlopCounterMode) -> dict[str, int]:
     return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 
@@ -296,10 +311,10 @@ def measure_flops(preset: str) -> list[dict]:
             model = model.to_empty(device="cpu")
             img = torch.empty(1, 3, config.image_size, config.image_size)
             ids = torch.zeros(1, config.text_context_length, dtype=torch.long)
-            with FlopCounterMode(display=False) as forward:
+            with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as forward:
                 out = model(img, ids)
             loss = out.recon.square().mean() + out.vq_loss + (out.image_features * out.text_features).sum()
-            with FlopCounterMode(display=False) as backward:
+            with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as backward:
                 loss.backward()
         rows.append(
             {
