@@ -370,7 +370,7 @@ def _part_modules(model: UniTok) -> dict[str, list[torch.nn.Module]]:
     decoder = model.decoder
     return {
         "encoder_front": [model.encoder.patch_embed],
-        "encoder_blocks": [model.encoder.blocks],
+        "encoder_blocks": list(model.encoder.blocks),
         "decoder_blocks": list(decoder.blocks),
         "upsampler": [decoder.up_conv1, *decoder.up_conv2, *decoder.up_conv3, decoder.up_conv4],
         "text": [model.text_encoder],

@@ -23,14 +23,17 @@ UPSAMPLE_KINDS = ("transposed", "nearest_conv")
 # encoder's ViT blocks, the decoder's ViT blocks, the decoder's conv upsampler and the CLIP text tower.
 CHECKPOINT_PARTS = ("encoder_front", "encoder_blocks", "decoder_blocks", "upsampler", "text")
 
-# Named sets of checkpointed parts for UniTok-Large at 256 px, bf16, 64 images per GPU (the release recipe)
-# with LPIPS and the DINO discriminator; chosen from the per-part activation memory that
-# ``unitok bench train-step`` reports (see BENCHMARKS.md). Recomputing a part costs about one more forward
-# of it, so each set recomputes only what its memory budget needs, the cheapest FLOP per byte saved first.
+# Named sets of checkpointed parts for UniTok-Large at 256 px, bf16, 64 images per GPU (the release recipe),
+# from ``unitok bench train-step --sections memory`` (BENCHMARKS.md): with nothing recomputed a step keeps
+# ~1.0 GiB of activations per image (65 GiB at 64) next to ~14 GiB of weights, gradients and AdamW state and
+# the LPIPS/DINO activations, which fits 141 GB but not 80 GB. Recomputing a part costs one more forward of
+# it, so the 80 GB set takes the parts that give back the most memory per recomputed FLOP: the conv
+# front-end (0.16 GiB per image for 23 GFLOP) and the upsampler (0.39 GiB for 171 GFLOP), about +7% FLOPs.
+# The ViT blocks (0.32 GiB for 175 GFLOP each tower) and the text tower come next ("all").
 CHECKPOINT_PRESETS: dict[str, tuple[str, ...]] = {
     "none": (),
-    "gpu-141gb": ("encoder_front", "upsampler"),
-    "gpu-80gb": ("encoder_front", "encoder_blocks", "upsampler", "text"),
+    "gpu-141gb": (),
+    "gpu-80gb": ("encoder_front", "upsampler"),
     "all": CHECKPOINT_PARTS,
 }
 
