@@ -31,17 +31,17 @@ CORE = [
     "numpy>=1.24",
     "pillow>=9.1",  # Image.Resampling
     "einops>=0.7",
-    "safetensors>=0.4.1",  # transformers 4.43 needs it
+    "safetensors>=0.4.3",  # as transformers 5.2 needs
     "timm>=1.0.21",  # timm.layers.calculate_drop_path_rates
     "open-clip-torch>=2.24",
-    "transformers>=4.43",
+    "transformers>=5.2",  # transformers.trainer_utils.rotate_checkpoints in the MLLM trainer
     "peft>=0.15",  # LoraConfig(trainable_token_indices=...)
-    "huggingface_hub>=0.25",  # huggingface_hub.errors as peft 0.15 imports it
+    "huggingface_hub>=1.3",  # as transformers 5.2 needs (0.25 for huggingface_hub.errors otherwise)
     "sentencepiece",  # Llama-2's tokenizer model
     "lpips>=0.1.4",
     "webdataset>=0.2.86",
     "braceexpand",
-    "tokenizers>=0.19",
+    "tokenizers>=0.22",  # as transformers 5.2 needs
     "torch-fidelity>=0.3",  # metric_fid.fid_statistics_to_metric and the FID Inception
     "scipy",  # scipy.ndimage in the synthetic world's GenEval scorer
     "pyyaml",

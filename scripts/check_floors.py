@@ -42,6 +42,7 @@ COMPANIONS = ("datasets==3.0.0",)
 # The APIs whose first release sets a floor, as statements run under the floor versions.
 PROBES = (
     "from timm.layers import calculate_drop_path_rates",
+    "from transformers.trainer_utils import rotate_checkpoints",
     "import inspect, peft; assert 'trainable_token_indices' in inspect.signature(peft.LoraConfig).parameters",
     "from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError",
     "from huggingface_hub import HfApi, ModelCardData, hf_hub_download, snapshot_download",

@@ -19,8 +19,9 @@ LIBRARY = ("tokenizer", "mllm", "data", "eval", "scripts")
 NEEDED = {
     "timm": "1.0.21",  # timm.layers.calculate_drop_path_rates
     "peft": "0.15",  # LoraConfig(trainable_token_indices=...)
-    "huggingface-hub": "0.25",  # huggingface_hub.errors, imported by peft 0.15
-    "safetensors": "0.4.1",  # required by transformers 4.43
+    "huggingface-hub": "1.3",  # required by transformers 5.2
+    "safetensors": "0.4.3",  # required by transformers 5.2
+    "transformers": "5.2",  # trainer_utils.rotate_checkpoints
     "torch-fidelity": "0.3",  # metric_fid.fid_statistics_to_metric
     "open-clip-torch": "2.24",  # build_zero_shot_classifier
 }
