@@ -92,7 +92,14 @@ def resolve_checkpoint(
         return local
     text = str(path)
     parts = text.split("/")
-    if local.exists() or len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+    # A path whose first part is a local folder is a mistyped local path, not a Hub id.
+    if (
+        local.exists()
+        or len(parts) != 2
+        or not all(parts)
+        or text.startswith((".", "~", "/"))
+        or Path(parts[0]).is_dir()
+    ):
         raise ValueError(f"{text} is neither a checkpoint directory nor a Hugging Face Hub id ('owner/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

@@ -154,6 +154,10 @@ def test_from_pretrained_accepts_a_hub_id_from_the_cache(unitok, tmp_path, monke
         UniTokMLLM.from_pretrained("someone/not-there", cache_dir=tmp_path / "cache")
     with pytest.raises(ValueError, match="neither"):
         UniTokMLLM.from_pretrained(tmp_path / "no" / "such" / "dir")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="neither"):  # a mistyped local path, not a Hub id
+        UniTokMLLM.from_pretrained("runs/missing")
 
 
 def test_push_to_hub_uploads_a_loadable_checkpoint(model, monkeypatch):
