@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from unitok.data.synth import SynthConfig, generate_world
 from unitok.tokenizer.train import main as train_main
@@ -31,7 +33,7 @@ from unitok.tokenizer.training.monitor import METRICS_FILE
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig(num_images=48, size=32, classify_per_class=0, shard_size=16), workers=1)
+    generate_world(root, SynthConfig(num_images=48, size=32, classify_per_class=1, shard_size=16), workers=1)
     return root
 
 
@@ -291,3 +293,74 @@ def _numbers(tree):
             yield from _numbers(value)
     elif isinstance(tree, float):
         yield tree
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run shows and leaves behind
+
+
+def test_periodic_evaluation_reaches_tensorboard_and_eval_jsonl(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    run(
+        out,
+        world,
+        "logging.tensorboard=true",
+        "eval.every_steps=2",
+        "eval.max_images=4",
+        "eval.batch_size=4",
+        f"eval.zero_shot={world / 'classify' / 'shape' / 'val'}",
+    )
+    records = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    # The val split of the 48-image world holds 2 images.
+    assert [r["step"] for r in records] == [2, 3]
+    assert all(r["images"] == 2 and 0 < r["psnr"] < 100 and 0 <= r["zero_shot_top1"] <= 1 for r in records)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("eval/psnr")] == [2, 3]
+
+
+def test_log_lines_never_land_on_the_progress_bar_line(tmp_path, capsys):
+    folder = tmp_path / "data"
+    (folder / "captions").mkdir(parents=True)
+    rows = []
+    for i in range(17):
+        name = f"{i}.png"
+        pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / name) if i else (folder / name).write_bytes(b"not a png")
+        rows.append(json.dumps({"image": name, "caption": f"picture {i}"}))
+    (folder / "captions" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as a user's logging setup has
+    logging.getLogger().addHandler(handler)
+    try:
+        run(tmp_path / "run", folder, "logging.progress_bar=true", "train.total_steps=2")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "skipped a sample" in err and "train:" in err
+    for at in (i for i in range(len(err)) if err.startswith("skipped a sample", i)):
+        line = err[err.rfind("\n", 0, at) + 1 : at].split("\r")[-1]
+        assert "train:" not in line and "it/s" not in line and "%|" not in line
+
+
+def test_intermediate_checkpoints_can_be_exported_and_evaluated(world, tmp_path, capsys):
+    from unitok.eval.tokenizer_eval import load_model
+    from unitok.scripts.cli import main as cli
+    from unitok.tokenizer import UniTok
+
+    out = tmp_path / "run"
+    run(out, world, "train.stop_at_step=2")
+    step1 = out / "checkpoints" / "step-00000001"
+    assert cli(["export", str(step1)]) == 0
+    exported = out / "exports" / "step-00000001"
+    assert capsys.readouterr().out.strip() == str(exported)
+    model = UniTok.from_pretrained(exported)
+    weights = checkpointing.load_trainer_state(step1)["model"]
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    # eval-tokenizer takes a step folder, its trainer.pt, or the run folder (its newest checkpoint).
+    assert torch.equal(load_model(str(step1), None).state_dict()["logit_scale"], weights["logit_scale"])
+    newest = checkpointing.load_trainer_state(out / "checkpoints" / "step-00000002")["model"]
+    loaded = load_model(str(out), None).state_dict()
+    assert all(torch.equal(loaded[k], newest[k]) for k in newest)
+    assert cli(["export", str(tmp_path / "nowhere")]) == 2
+    assert "neither a trainer checkpoint" in capsys.readouterr().err

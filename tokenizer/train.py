@@ -454,7 +454,7 @@ class Trainer:
     # loop
 
     def run(self) -> TrainResult:
-        """Train until ``total_steps`` (or ``stop_at_step``), checkpointing and logging on the way."""
+        """Train until ``total_steps`` (or ``stop_at_step``), checkpointing, logging and evaluating on the way."""
         config = self.config
         stop = min(self.total_steps, config.train.stop_at_step or self.total_steps)
         if self.info.is_main:
@@ -468,6 +468,27 @@ class Trainer:
                 config.train.grad_accum,
                 self.step,
             )
+        with self.monitor.redirect_logging():
+            self._loop(stop)
+        if self.checkpoint is None or self.checkpoint.name != checkpointing.step_dir_name(self.step):
+            self.save_checkpoint()
+        final_dir = self._export() if self.step >= self.total_steps else None
+        if not self.last_metrics and self.info.is_main:
+            self.last_metrics = self.monitor.last_record()
+        self.monitor.close()
+        return TrainResult(
+            self.output_dir,
+            self.step,
+            self.total_steps,
+            final_dir,
+            self.checkpoint,
+            self.last_metrics,
+            self._skipped_total(),
+        )
+
+    def _loop(self, stop: int) -> None:
+        config = self.config
+        every_eval = config.eval.every_steps
         last_log_time, last_log_step = time.perf_counter(), self.step
         while self.step < stop:
             scalars = self.train_step()
@@ -485,23 +506,66 @@ class Trainer:
                 self.last_metrics = record
             if config.logging.image_every and self.step % config.logging.image_every == 0:
                 self._save_images()
+            if every_eval and (self.step % every_eval == 0 or self.step == self.total_steps):
+                self.evaluate()
             if self.step % config.checkpoint.every_steps == 0 and self.step != stop:
                 self.save_checkpoint()
-        if self.checkpoint is None or self.checkpoint.name != checkpointing.step_dir_name(self.step):
-            self.save_checkpoint()
-        final_dir = self._export() if self.step >= self.total_steps else None
-        if not self.last_metrics and self.info.is_main:
-            self.last_metrics = self.monitor.last_record()
-        self.monitor.close()
-        return TrainResult(
-            self.output_dir,
-            self.step,
-            self.total_steps,
-            final_dir,
-            self.checkpoint,
-            self.last_metrics,
-            self._skipped_total(),
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float | None]:
+        """Held-out PSNR/SSIM (+ rFID) and zero-shot accuracy of the current weights (``eval`` section), on
+        the main process; the others wait. Returns the results (empty on the other processes)."""
+        results: dict[str, float | None] = {}
+        if self.info.is_main:
+            # The loaders draw seeds from the global generator: keep training's random stream untouched.
+            with torch.random.fork_rng(devices=[]):
+                results = self._evaluate_main()
+            self.monitor.log_eval(self.step, results)
+        distributed.barrier(self.info)
+        return results
+
+    def _evaluate_main(self) -> dict[str, float | None]:
+        from unitok.eval.tokenizer_eval import (
+            build_image_dataset,
+            evaluate_reconstruction,
+            load_inception,
+            make_loader,
         )
+        from unitok.eval.zero_shot import evaluate_zero_shot
+
+        section = self.config.eval
+        size = self.model_config.image_size
+        inception = load_inception(section.inception) if section.rfid else None
+        if inception is not None:
+            inception = inception.to(self.device)
+        dataset, _ = build_image_dataset(section.data or self.config.data.path, size, split=section.split)
+        loader = make_loader(dataset, section.batch_size, 0, section.max_images)
+        recon = evaluate_reconstruction(
+            self.model,
+            loader,
+            inception=inception,
+            max_images=section.max_images,
+            autocast_dtype=self.autocast_dtype,
+            progress=False,
+        )
+        results = {
+            "psnr": recon["psnr"],
+            "ssim": recon["ssim"],
+            "rfid": recon["rfid"],
+            "usage_percent": recon["codebook"]["usage_percent_mean"],
+            "images": recon["num_images"],
+        }
+        if section.zero_shot:
+            zero_shot = evaluate_zero_shot(
+                self.model,
+                section.zero_shot,
+                templates=section.templates,
+                batch_size=section.batch_size,
+                max_images=section.max_images,
+                autocast_dtype=self.autocast_dtype,
+            )
+            results["zero_shot_top1"] = zero_shot["top1"]
+        return results
 
     def _skipped_total(self) -> int:
         local = torch.tensor([self.stream.skipped()], dtype=torch.float64)

@@ -349,6 +349,36 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Held-out evaluation while training, every ``every_steps`` optimiser steps and at the end (0: off),
+    on the main process; results go to ``eval.jsonl``, the log and TensorBoard (``eval/*``).
+
+    Reconstruction PSNR/SSIM (and rFID with ``rfid: true``; ``inception`` is the FID Inception weights
+    file, ``download``, or null for torch-fidelity's cached weights) on at most ``max_images`` images of
+    ``data`` (default: ``data.path``; an image folder, an image-text folder read at ``split``, or
+    shards), centre-cropped to the model's size; zero-shot accuracy on the class folder ``zero_shot``
+    (``{class}/*.png``) with the ``templates`` prompt set.
+    """
+
+    every_steps: int = 0
+    data: str | None = None
+    split: str = "val"
+    max_images: int = 256
+    batch_size: int = 32
+    rfid: bool = False
+    inception: str | None = None
+    zero_shot: str | None = None
+    templates: str = "simple"
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"eval.every_steps must be >= 0 (0 = off), got {self.every_steps}")
+        _check(
+            self.max_images > 0 and self.batch_size > 0,
+            f"eval.max_images and eval.batch_size must be > 0, got {self.max_images}, {self.batch_size}",
+        )
+
+
+@dataclass
 class RunConfig:
     """One training run of the tokenizer (see the module docstring and each section's docstring)."""
 
@@ -362,6 +392,7 @@ class RunConfig:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir must not be empty")

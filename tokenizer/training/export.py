@@ -126,10 +126,11 @@ def checkpoint_weights(path: str | Path, ema: bool | None = None) -> tuple[Any, 
 
 def load_checkpoint_model(path: str | Path, ema: bool | None = None) -> UniTok:
     """The ``UniTok`` of a trainer checkpoint (see ``checkpoint_weights``), loaded strictly, in eval mode."""
-    model_config, weights, kind = checkpoint_weights(path, ema)
+    folder = resolve_checkpoint(path)
+    model_config, weights, kind = checkpoint_weights(folder, ema)
     model = UniTok(model_config)
     model.load_state_dict(weights)
-    log.info("loaded the %s weights of %s", kind, resolve_checkpoint(path))
+    log.info("loaded the %s weights of %s", kind, folder)
     return model.eval()
 
 

@@ -11,6 +11,7 @@ all processes), ``lr``, ``disc_lr``, every loss part (``loss``, ``l1``, ``l2``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -24,6 +25,7 @@ from .config import LoggingSection
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
 IMAGES_FOLDER = "images"
 # Shown on the progress bar, in this order, when present.
@@ -63,7 +65,8 @@ class Monitor:
         self.metrics_path = output_dir / METRICS_FILE
         if not enabled:
             return
-        self._drop_records_after(start_step)
+        for name in (METRICS_FILE, EVAL_FILE):
+            _drop_records_after(output_dir / name, start_step)
         if section.progress_bar:
             from tqdm.auto import tqdm
 
@@ -74,20 +77,6 @@ class Monitor:
             self.writer = SummaryWriter(str(output_dir / TENSORBOARD_FOLDER))
         if section.wandb:
             self.wandb_run = _start_wandb(section, output_dir, run_config)
-
-    def _drop_records_after(self, step: int) -> None:
-        """Forget records of steps after ``step`` (a continuation that this run replaces), so that every
-        step appears once in ``metrics.jsonl``; rewritten atomically."""
-        if not self.metrics_path.is_file():
-            return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if _record_step(line) <= step]
-        if len(kept) == len(lines):
-            return
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        tmp.replace(self.metrics_path)
-        log.info("dropped %d records after step %d from %s", len(lines) - len(kept), step, self.metrics_path)
 
     def advance(self) -> None:
         """Advance the bar by one optimiser step."""
@@ -113,6 +102,29 @@ class Monitor:
             self.writer.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(scalars, step=step)
+
+    def redirect_logging(self) -> contextlib.AbstractContextManager:
+        """While the bar shows, console log lines go through ``tqdm.write`` (above the bar, never on its line)."""
+        if self.bar is None:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm(tqdm_class=type(self.bar))
+
+    def log_eval(self, step: int, results: dict[str, float | None]) -> None:
+        """Write one held-out evaluation (``eval.jsonl``, a log line, TensorBoard ``eval/*``, wandb)."""
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in results.items() if v is not None}
+        with (self.output_dir / EVAL_FILE).open("a") as handle:
+            handle.write(json.dumps({"step": step, **scalars}) + "\n")
+        log.info("eval at step %d | %s", step, " | ".join(f"{k} {_format(v)}" for k, v in scalars.items()))
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"eval/{key}", value, step)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"eval/{k}": v for k, v in scalars.items()}, step=step)
 
     def last_record(self) -> dict[str, float]:
         """The newest record of ``metrics.jsonl`` (from this or an earlier invocation), without ``step``."""
@@ -145,6 +157,21 @@ class Monitor:
             self.writer.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Forget the records of steps after ``step`` in a JSON-lines log (a continuation that this run
+    replaces), so that every step appears once; rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
+    log.info("dropped %d records after step %d from %s", len(lines) - len(kept), step, path)
 
 
 def _record_step(line: str) -> float:
