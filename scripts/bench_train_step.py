@@ -399,7 +399,8 @@ def _attribute_parts(model: UniTok, tracker: PeakMemory, kept: dict[str, int]) -
             handle.remove()
 
 
-def _peak_bytes(model: UniTok, batch: int, kept: dict[str, int]) -> int:
+def _peak_bytes(model: UniTok, batch: int, kept: dict[str, int]) -> tuple[int, int]:
+    """(peak live bytes over forward + backward, live bytes at the end of the forward)."""
     size, context = model.config.image_size, model.config.text_context_length
     img = torch.rand(batch, 3, size, size) * 2 - 1
     ids = torch.randint(1, 1000, (batch, context))
@@ -413,14 +414,19 @@ def _peak_bytes(model: UniTok, batch: int, kept: dict[str, int]) -> int:
             + (out.image_features.float() * out.text_features.float()).sum()
         )
         del out
+        after_forward = tracker.live
         loss.backward()
         del loss
     model.zero_grad(set_to_none=True)
-    return tracker.peak
+    return tracker.peak, after_forward
 
 
-def measure_memory(preset: str, configs: list[tuple[str, dict]]) -> list[dict]:
-    """Activation GiB per image (peak at batch 2 minus peak at batch 1) for each named configuration."""
+def measure_memory(preset: str, configs: list[tuple[str, dict]], batches: tuple[int, int]) -> list[dict]:
+    """Per image (difference between the two batch sizes, divided by theirs): peak GiB and GiB kept after
+    the forward, by part; and the peak at the larger batch, for each named configuration."""
+    small, large = batches
+    if not 0 < small < large:
+        raise ValueError(f"expected two batch sizes 0 < small < large, got {batches}")
     rows = []
     for label, options in configs:
         start = time.perf_counter()
@@ -429,13 +435,18 @@ def measure_memory(preset: str, configs: list[tuple[str, dict]]) -> list[dict]:
         kept_two: dict[str, int] = {}
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = model.to_empty(device="cpu").train()
-            one, two = _peak_bytes(model, 1, kept_one), _peak_bytes(model, 2, kept_two)
+            (peak_one, fwd_one), (peak_two, fwd_two) = (
+                _peak_bytes(model, small, kept_one),
+                _peak_bytes(model, large, kept_two),
+            )
+        per_image = 2**30 * (large - small)
         rows.append(
             {
                 "config": label,
-                "per_image_gib": (two - one) / 2**30,
-                "peak_batch1_gib": one / 2**30,
-                "parts_gib": {part: (kept_two[part] - kept_one[part]) / 2**30 for part in kept_one},
+                "per_image_gib": (peak_two - peak_one) / per_image,
+                "forward_gib": (fwd_two - fwd_one) / per_image,
+                "peak_large_gib": peak_two / 2**30,
+                "parts_gib": {part: (kept_two[part] - kept_one[part]) / per_image for part in kept_one},
                 "seconds": time.perf_counter() - start,
             }
         )
@@ -464,6 +475,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--steps", type=int, default=2, help="training steps counted (after one warm-up)")
     parser.add_argument("--preset", default="unitok-large", help="model of the flops and memory sections")
+    parser.add_argument(
+        "--memory-batches",
+        nargs=2,
+        type=int,
+        default=[32, 64],
+        help="two batch sizes; per image = difference / their difference (fake tensors: any size is cheap)",
+    )
     parser.add_argument(
         "--memory-configs",
         nargs="+",
@@ -511,20 +529,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             )
         print()
     if "memory" in args.sections:
-        rows = measure_memory(args.preset, memory_configs(args.memory_configs))
+        small, large = args.memory_batches
+        rows = measure_memory(args.preset, memory_configs(args.memory_configs), (small, large))
         print(f"## Activation memory per image ({args.preset}, bf16 autocast, fake tensors)\n")
         print(
-            "Peak: peak live bytes at batch 2 minus at batch 1. Per part: bytes its forward leaves alive until "
-            "the backward (saved activations + output), per image.\n"
+            f"Per image: (value at batch {large} - value at batch {small}) / {large - small}. Peak: peak live bytes "
+            "over forward + backward. After forward: live bytes when the forward ends. Per part: bytes the part's "
+            "forward leaves alive until the backward (saved activations + output).\n"
         )
         header = " | ".join(CHECKPOINT_PARTS)
-        print(f"| configuration | peak GiB per image | {header} | peak at batch 1 (GiB) | seconds |")
-        print("|---|---:|" + "---:|" * len(CHECKPOINT_PARTS) + "---:|---:|")
+        print(
+            f"| configuration | peak GiB per image | after forward GiB per image | {header} "
+            f"| peak at batch {large} (GiB) | seconds |"
+        )
+        print("|---|---:|---:|" + "---:|" * len(CHECKPOINT_PARTS) + "---:|---:|")
         for row in rows:
             parts = " | ".join(f"{row['parts_gib'].get(part, 0.0):.3f}" for part in CHECKPOINT_PARTS)
             print(
-                f"| {row['config']} | {row['per_image_gib']:.2f} | {parts} | {row['peak_batch1_gib']:.2f} "
-                f"| {row['seconds']:.0f} |"
+                f"| {row['config']} | {row['per_image_gib']:.3f} | {row['forward_gib']:.3f} | {parts} "
+                f"| {row['peak_large_gib']:.1f} | {row['seconds']:.0f} |"
             )
         print()
     return 0
