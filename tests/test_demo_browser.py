@@ -5,9 +5,12 @@ Without them the test is skipped with a loud reason, or fails when ``UNITOK_REQU
 
 Screenshots of each tab are written to ``UNITOK_SCREENSHOT_DIR`` (default: a pytest temporary folder).
 ``UNITOK_DEMO_MODEL=DIR`` runs the same checks on a trained checkpoint (e.g. the quick start's) instead of
-a tiny random model; that is how the README's screenshots are taken::
+a tiny random model, optionally with ``UNITOK_DEMO_IMAGE`` and ``UNITOK_DEMO_QUESTION`` from its world; that
+is how the README's screenshots are taken::
 
-    UNITOK_DEMO_MODEL=runs/quickstart UNITOK_SCREENSHOT_DIR=docs/images pytest tests/test_demo_browser.py
+    UNITOK_DEMO_MODEL=runs/quickstart UNITOK_DEMO_IMAGE=runs/quickstart/qa_examples/007600.png \
+    UNITOK_DEMO_QUESTION="How many hearts are there?" UNITOK_SCREENSHOT_DIR=docs/images \
+    pytest tests/test_demo_browser.py
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,900",
 )
 WAIT_S = 90
-QUESTION = "what colour is the shape ?"
+QUESTION = os.environ.get("UNITOK_DEMO_QUESTION", "what colour is the shape ?")
 UPLOAD_LIMIT = UploadLimits(max_bytes=100_000)
 MAX_NEW_TOKENS = 128
 
@@ -163,9 +166,13 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
     url, backend = demo
     driver = browser
     image_path = tmp_path / "red square.png"
-    image = Image.new("RGB", (96, 80), (240, 240, 240))
-    image.paste((200, 30, 30), (30, 20, 70, 60))
-    image.save(image_path)
+    if os.environ.get("UNITOK_DEMO_IMAGE"):
+        image_path = tmp_path / Path(os.environ["UNITOK_DEMO_IMAGE"]).name
+        shutil.copy(os.environ["UNITOK_DEMO_IMAGE"], image_path)
+    else:
+        image = Image.new("RGB", (96, 80), (240, 240, 240))
+        image.paste((200, 30, 30), (30, 20, 70, 60))
+        image.save(image_path)
 
     driver.get(url)
     _wait(driver, lambda d: len(_css(d, "button[role=tab]")) == 3, "the three tabs")
