@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -251,6 +251,8 @@ _KEYS = st.sampled_from(
 
 @settings(max_examples=50, deadline=None)
 @given(key=_KEYS, value=_VALUES)
+@example(key="optim.lr", value=float("inf"))
+@example(key="disc.start", value=float("nan"))
 def test_any_value_for_any_key_is_accepted_or_rejected_with_a_value_error(key, value):
     tree = apply_overrides(read_config_file("unitok-tiny-synth"), [])
     section, _, leaf = key.rpartition(".")
