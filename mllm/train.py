@@ -92,7 +92,7 @@ def build_mllm_config(config: RunConfig) -> MLLMConfig:
     return MLLMConfig.from_dict({**fields, **overrides})
 
 
-def build_model(config: RunConfig, output_dir: Path, is_main: bool) -> Any:
+def build_model(config: RunConfig, output_dir: Path, is_main: bool, tokenizer_saved: bool = False) -> Any:
     """The model to train: from its config, or from ``model.init_from`` (a checkpoint) with the overrides."""
     from unitok.mllm.model import UniTokMLLM
     from unitok.mllm.text_tokenizer import build_tiny_tokenizer, load_text_tokenizer
@@ -103,12 +103,16 @@ def build_model(config: RunConfig, output_dir: Path, is_main: bool) -> Any:
     tokenizer = None
     if config.model.build_text_tokenizer:
         saved = output_dir / TEXT_TOKENIZER_FOLDER
-        if saved.is_dir():
+        if tokenizer_saved:
             tokenizer = load_text_tokenizer(saved)
         else:
+            # Every rank trains the same (deterministic) tokenizer; rank 0 keeps it for restarts.
             tokenizer = build_tiny_tokenizer(_tokenizer_corpus(config, mllm))
             if is_main:
-                tokenizer.save_pretrained(str(saved))
+                tmp = output_dir / f".{TEXT_TOKENIZER_FOLDER}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tokenizer.save_pretrained(str(tmp))
+                os.replace(tmp, saved)
     return UniTokMLLM.from_config(mllm, text_tokenizer=tokenizer)
 
 
@@ -215,6 +219,8 @@ def train(config: RunConfig) -> TrainResult:
         state.process_index = torch.distributed.get_rank()
         state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
     is_main = args.process_index == 0
+    # Read before the barrier, so that every rank decides alike whether rank 0 is about to write it.
+    tokenizer_saved = (output_dir / TEXT_TOKENIZER_FOLDER).is_dir()
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(output_dir / STAGING, ignore_errors=True)
@@ -222,7 +228,7 @@ def train(config: RunConfig) -> TrainResult:
     args.distributed_state.wait_for_everyone()
 
     transformers.set_seed(args.seed)
-    model = build_model(config, output_dir, is_main)
+    model = build_model(config, output_dir, is_main, tokenizer_saved)
     masked = apply_stage(model, config.stage)
     if checkpointing:
         model.enable_gradient_checkpointing()

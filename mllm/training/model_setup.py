@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from unitok.mllm.model import UniTokMLLM
 
@@ -118,7 +117,9 @@ def _skeleton(model: UniTokMLLM) -> UniTokMLLM:
     """An empty (meta-device) copy of the training ``model``'s architecture (its UniTok a ``CodebookLookup``)."""
     llm = model.llm.get_base_model() if hasattr(model.llm, "peft_config") else model.llm
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(copy.deepcopy(llm.config))
+        # The class itself, not from_config: under ZeRO-3 from_config would partition the skeleton (a collective
+        # call, made here by rank 0 alone).
+        base = type(llm)(copy.deepcopy(llm.config))
         return UniTokMLLM(model.config, base, model.text_tokenizer, model.unitok)
 
 
