@@ -48,6 +48,14 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,900",
 )
 WAIT_S = 90
+WATCH_ANSWER = """
+window.answerTexts = [];
+const chat = document.querySelector('#chatbot');
+new MutationObserver(() => {
+  const bots = chat.querySelectorAll('[data-testid=bot]');
+  if (bots.length) window.answerTexts.push(bots[bots.length - 1].innerText);
+}).observe(chat, {subtree: true, childList: true, characterData: true});
+"""
 QUESTION = os.environ.get("UNITOK_DEMO_QUESTION", "what colour is the shape ?")
 UPLOAD_LIMIT = UploadLimits(max_bytes=100_000)
 MAX_NEW_TOKENS = 128
@@ -82,6 +90,15 @@ def demo(tmp_path_factory):
         backend = DemoBackend.load(model, UPLOAD_LIMIT)
     else:
         mllm = tiny_mllm(tiny_unitok())
+        fast_stream = mllm.chat_stream
+
+        def paced_stream(*args, **kwargs):
+            # The tiny model answers within a frame or two on a fast machine; pace it like a real model.
+            for piece in fast_stream(*args, **kwargs):
+                time.sleep(0.01)
+                yield piece
+
+        mllm.chat_stream = paced_stream
         backend = DemoBackend(mllm.unitok, mllm, UPLOAD_LIMIT)
     app = build_app(backend, model or "tiny random model")
     url = launch(app, port=free_port(), limits=UPLOAD_LIMIT, block=False)
@@ -188,17 +205,13 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
     assert streamable or os.environ.get("UNITOK_DEMO_MODEL"), (
         f"answer too short to watch it stream: {expected!r}"
     )
+    # The page records every text the answer bubble shows, however fast the answer streams.
+    driver.execute_script(WATCH_ANSWER)
     _css(driver, "#chat-question textarea")[0].send_keys(QUESTION)
     _css(driver, "#chat-send")[0].click()
-    seen = []
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        shown = _words(_text(driver, "#chatbot [data-testid=bot]"))
-        if shown and (not seen or shown != seen[-1]):
-            seen.append(shown)
-        if shown == _words(expected):
-            break
-        time.sleep(0.02)
+    _wait(driver, lambda d: _words(_text(d, "#chatbot [data-testid=bot]")) == _words(expected), "the answer")
+    seen = [_words(text) for text in driver.execute_script("return window.answerTexts")]
+    seen = [text for i, text in enumerate(seen) if text and (i == 0 or text != seen[i - 1])]
     assert seen and seen[-1] == _words(expected), f"final answer {seen[-1:]} != the model's {expected!r}"
     partial = [s for s in seen[:-1] if _words(expected).startswith(s)]
     assert partial or not streamable, f"the answer appeared at once, not streamed: {seen}"
