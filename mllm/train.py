@@ -109,6 +109,7 @@ def build_model(config: RunConfig, output_dir: Path, is_main: bool, tokenizer_sa
             # Every rank trains the same (deterministic) tokenizer; rank 0 keeps it for restarts.
             tokenizer = build_tiny_tokenizer(_tokenizer_corpus(config, mllm))
             if is_main:
+                output_dir.mkdir(parents=True, exist_ok=True)
                 tmp = output_dir / f".{TEXT_TOKENIZER_FOLDER}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tokenizer.save_pretrained(str(tmp))
@@ -207,6 +208,11 @@ def train(config: RunConfig) -> TrainResult:
 
     output_dir = Path(config.output_dir)
     kwargs, checkpointing = training_arguments(config)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    # The model is built before TrainingArguments exist, so that ZeRO-3 does not partition it at construction:
+    # a random-init model is then the same under every engine, and the engine partitions it when it starts.
+    transformers.set_seed(int(kwargs.get("seed", 42)))
+    model = build_model(config, output_dir, is_main, (output_dir / TEXT_TOKENIZER_FOLDER).is_dir())
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     if cpu_group and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
@@ -218,17 +224,12 @@ def train(config: RunConfig) -> TrainResult:
         state.num_processes = torch.distributed.get_world_size()
         state.process_index = torch.distributed.get_rank()
         state.local_process_index = int(os.environ.get("LOCAL_RANK", "0"))
-    is_main = args.process_index == 0
-    # Read before the barrier, so that every rank decides alike whether rank 0 is about to write it.
-    tokenizer_saved = (output_dir / TEXT_TOKENIZER_FOLDER).is_dir()
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(output_dir / STAGING, ignore_errors=True)
         (output_dir / "run_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     args.distributed_state.wait_for_everyone()
 
-    transformers.set_seed(args.seed)
-    model = build_model(config, output_dir, is_main, tokenizer_saved)
     masked = apply_stage(model, config.stage)
     if checkpointing:
         model.enable_gradient_checkpointing()
