@@ -25,8 +25,8 @@ CHECKPOINT_PARTS = ("encoder_front", "encoder_blocks", "decoder_blocks", "upsamp
 
 # Named sets of checkpointed parts for UniTok-Large at 256 px, bf16, 64 images per GPU (the release recipe),
 # from ``unitok bench train-step --sections memory`` (BENCHMARKS.md): with nothing recomputed a step keeps
-# ~1.0 GiB of activations per image (65 GiB at 64) next to ~14 GiB of weights, gradients and AdamW state and
-# the LPIPS/DINO activations, which fits 141 GB but not 80 GB. Recomputing a part costs one more forward of
+# ~1.24 GiB of activations per image (81 GiB peak at 64 with the gradients) next to ~9 GiB of weights and
+# AdamW state and the LPIPS/DINO activations, which fits 141 GB but not 80 GB. Recomputing a part costs one more forward of
 # it, so the 80 GB set takes the parts that give back the most memory per recomputed FLOP: the conv
 # front-end (0.16 GiB per image for 23 GFLOP) and the upsampler (0.39 GiB for 171 GFLOP), about +7% FLOPs.
 # The ViT blocks (0.32 GiB for 175 GFLOP each tower) and the text tower come next ("all").
