@@ -1,6 +1,6 @@
 # The two commands of the README: `make quickstart` and `make test`. Both create the virtual
 # environment on first use and reuse it afterwards (a stamp is renewed when setup.py changes).
-# Each installs only what it uses: the quick start the core package, the tests `.[test]` (dev tools,
+# Each installs only what it uses: the quick start the core package with lmms-eval, the tests `.[test]` (dev tools,
 # DeepSpeed, lmms-eval, gradio); `make install-all` adds the rest (wandb).
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ $(VENV)/.venv-created:
 	touch $@
 
 $(CORE_STAMP): setup.py $(VENV)/.venv-created
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[quickstart]'
 	touch $@
 
 $(STAMP): setup.py $(VENV)/.venv-created

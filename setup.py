@@ -38,6 +38,8 @@ CORE = [
     "peft>=0.15",  # LoraConfig(trainable_token_indices=...)
     "huggingface_hub>=1.3",  # as transformers 5.2 needs (0.25 for huggingface_hub.errors otherwise)
     "sentencepiece",  # Llama-2's tokenizer model
+    "accelerate>=1.1",  # transformers.Trainer (the MLLM trainer) requires it
+    "pyarrow>=12",  # the MLLM code store (Arrow shards)
     "lpips>=0.1.4",
     "webdataset>=0.2.86",
     "braceexpand",
@@ -55,6 +57,8 @@ EXTRAS = {
     "wandb": ["wandb"],
     "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "selenium>=4.20"],
 }
+# What `make quickstart` installs: its VQA stage runs the real lmms-eval pipeline.
+EXTRAS["quickstart"] = list(EXTRAS["eval"])
 # What `make test` installs: the suite exercises DeepSpeed, the lmms-eval plugin and the demo app.
 EXTRAS["test"] = sorted({dep for name in ("dev", "deepspeed", "eval", "demo") for dep in EXTRAS[name]})
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

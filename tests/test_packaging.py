@@ -34,6 +34,7 @@ INDIRECT = {
     "huggingface-hub": "huggingface_hub",
     "sentencepiece": None,  # loaded by transformers for Llama-2's tokenizer model
     "tensorboard": None,  # behind torch.utils.tensorboard
+    "accelerate": None,  # required by transformers.Trainer
 }
 
 
