@@ -50,7 +50,7 @@ from .encoder import ViTaminEncoder
 from .preprocess import check_codes, check_images, check_pixel_values
 from .projection import build_projection
 from .quantizer import MultiCodebookQuantizer, ResidualQuantizer
-from .text import build_text_tower, tokenize
+from .text import build_text_tower, check_text_ids, tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -190,17 +190,10 @@ class UniTok(nn.Module):
         device = self.logit_scale.device
         if isinstance(texts, torch.Tensor):
             cfg = self.config
-            if texts.ndim != 2 or texts.is_floating_point() or texts.dtype == torch.bool:
-                raise ValueError(
-                    f"expected text ids as an integer tensor [B,T], got {texts.dtype} {list(texts.shape)}"
-                )
-            if not 0 < texts.shape[1] <= cfg.text_context_length:
-                raise ValueError(
-                    f"expected at most {cfg.text_context_length} text ids per row, got {texts.shape[1]}"
-                )
-            if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= cfg.text_vocab_size):
-                raise ValueError(f"text ids out of range: expected values in [0, {cfg.text_vocab_size})")
-            return texts.to(device=device, dtype=torch.long)
+            # Checked where the ids will live: on an accelerator the range check is a device-side assert, no sync.
+            ids = texts.to(device=device)
+            check_text_ids(ids, cfg.text_context_length, cfg.text_vocab_size)
+            return ids.to(dtype=torch.long)
         return self.tokenize_text(texts).to(device)
 
     # ---------------------------------------------------------------------------------------------
