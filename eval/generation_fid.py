@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .fid import FeatureStats, frechet_distance
 from .geneval import SamplingSettings, make_grid
-from .harness import default_device, fmt, load_mllm, markdown_table, write_json_atomic
+from .harness import default_device, fmt, load_mllm, markdown_table, run_cli, write_json_atomic
 from .inception import FID_LAYERS, InceptionFeatures
 
 logger = logging.getLogger(__name__)
@@ -335,11 +334,8 @@ def format_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``unitok eval-gen-fid``; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    report = run_cli(run, args)
+    if report is None:
         return 2
     print(format_markdown(report))
     return 0

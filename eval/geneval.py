@@ -30,7 +30,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -47,7 +46,7 @@ from unitok.data.detect import Detection, detect_objects
 from unitok.data.geneval import GENEVAL_RELATIONS, GENEVAL_TAGS, validate_metadata
 from unitok.data.world import relations
 
-from .harness import PAPER, default_device, fmt, load_mllm, markdown_table, write_json_atomic
+from .harness import PAPER, default_device, fmt, load_mllm, markdown_table, run_cli, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -519,11 +518,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``unitok eval-geneval``; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    report = run_cli(run, args)
+    if report is None:
         return 2
     print(format_markdown(report))
     return 0

@@ -4,14 +4,18 @@
   for a folder that is not a complete checkpoint.
 - :data:`PAPER`: the paper's figures the reports are printed beside.
 - :func:`write_json_atomic` and :func:`markdown_table`: the ``results.json`` / markdown report writers.
+- :func:`run_cli`: the commands' shared run step (logging set up, input errors reported as exit status 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
+import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +84,19 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def run_cli(
+    run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """Run an evaluation command's ``run(args)`` with INFO logging set up.
+
+    Returns the report, or None after printing ``error: ...`` to stderr when the inputs are wrong
+    (``ValueError`` or ``FileNotFoundError``); the command then exits with status 2.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None

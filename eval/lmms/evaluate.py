@@ -18,13 +18,20 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from unitok.eval.harness import PAPER, check_mllm_dir, default_device, fmt, markdown_table, write_json_atomic
+from unitok.eval.harness import (
+    PAPER,
+    check_mllm_dir,
+    default_device,
+    fmt,
+    markdown_table,
+    run_cli,
+    write_json_atomic,
+)
 from unitok.eval.lmms_tasks.synth_vqa.utils import answer_type
 
 logger = logging.getLogger(__name__)
@@ -331,11 +338,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``unitok eval-vqa``; returns the exit status."""
     args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    report = run_cli(run, args)
+    if report is None:
         return 2
     if "tasks" in report:
         print(format_markdown(report))
