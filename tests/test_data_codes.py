@@ -6,8 +6,7 @@ import os
 
 import numpy as np
 import pytest
-import torch
-from test_mllm_train_helpers import make_folder, save_tiny_unitok, write_image
+from test_mllm_train_helpers import make_folder, one_thread, save_tiny_unitok, write_image  # noqa: F401 (autouse fixture)
 
 from unitok.data.codes import CodeStore, decode_codes, encode_codes, shard_name, store_summary
 from unitok.data.extract import extract_codes
@@ -15,13 +14,6 @@ from unitok.data.extract import main as extract_main
 from unitok.data.formats import write_tar_shard
 from unitok.tokenizer import UniTok
 from unitok.tokenizer.preprocess import load_image
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    torch.set_num_threads(1)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")

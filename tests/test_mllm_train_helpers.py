@@ -6,12 +6,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from unitok.tokenizer import TokenizerConfig, UniTok
 
 COLORS = ("red", "green", "blue", "yellow")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One torch thread and no launcher rank variables for each test (import it into the module to use it)."""
+    torch.set_num_threads(1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
 
 
 def save_tiny_unitok(path: Path, seed: int = 0) -> Path:

@@ -13,20 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_mllm_train_helpers import make_folder, save_tiny_unitok
+from test_mllm_train_helpers import make_folder, one_thread, save_tiny_unitok  # noqa: F401 (autouse fixture)
 
 from unitok.data.extract import extract_codes
 from unitok.mllm import UniTokMLLM
 from unitok.mllm.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    torch.set_num_threads(1)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="module")
