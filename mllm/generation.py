@@ -333,6 +333,30 @@ def _decode(model: UniTokMLLM, out: torch.Tensor) -> list[str]:
     return [text.strip() for text in model.text_tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
+def _start_chat(
+    model: UniTokMLLM,
+    messages: Sequence[dict[str, str]],
+    images: Any,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> tuple[dict[str, Any], bool]:
+    """Check a conversation and put the model in eval mode: the ``generate`` arguments and the former training flag.
+
+    The caller restores the flag after generating; a refused input restores it here.
+    """
+    _check_text_options(max_new_tokens, temperature, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = chat_sequence(model, messages, images)
+        kwargs = _generate_kwargs(model, [seq], max_new_tokens, temperature, top_p, use_cache=True)
+    except BaseException:
+        model.train(was_training)
+        raise
+    return kwargs, was_training
+
+
 def chat(
     model: UniTokMLLM,
     messages: Sequence[dict[str, str]],
@@ -344,14 +368,10 @@ def chat(
     streamer: Any = None,
 ) -> str:
     """See :meth:`UniTokMLLM.chat`."""
-    _check_text_options(max_new_tokens, temperature, top_p)
-    was_training = model.training
-    model.eval()
+    kwargs, was_training = _start_chat(model, messages, images, max_new_tokens, temperature, top_p)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     try:
-        seq = chat_sequence(model, messages, images)
-        kwargs = _generate_kwargs(model, [seq], max_new_tokens, temperature, top_p, use_cache=True)
-        if streamer is not None:
-            kwargs["streamer"] = streamer
         with torch.no_grad():
             out = model.llm.generate(**kwargs)
     finally:
@@ -370,15 +390,7 @@ def chat_stream(
     streamer: Any = None,
 ) -> Iterator[str]:
     """See :meth:`UniTokMLLM.chat_stream`. Every input is checked before the first piece is yielded."""
-    _check_text_options(max_new_tokens, temperature, top_p)
-    was_training = model.training
-    model.eval()
-    try:
-        seq = chat_sequence(model, messages, images)
-        kwargs = _generate_kwargs(model, [seq], max_new_tokens, temperature, top_p, use_cache=True)
-    except BaseException:
-        model.train(was_training)
-        raise
+    kwargs, was_training = _start_chat(model, messages, images, max_new_tokens, temperature, top_p)
     return _stream(model, kwargs, was_training, extra=streamer)
 
 
