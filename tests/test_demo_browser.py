@@ -145,6 +145,19 @@ def _wait(driver, condition, what: str, timeout: float = WAIT_S):
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from err
 
 
+def _wait_settled(driver, selector: str, what: str, quiet_s: float = 1.0) -> None:
+    """Wait until the text under ``selector`` has not changed for ``quiet_s`` seconds."""
+    last = {"text": None, "since": time.monotonic()}
+
+    def settled(d):
+        text = _text(d, selector)
+        if text != last["text"]:
+            last.update(text=text, since=time.monotonic())
+        return time.monotonic() - last["since"] >= quiet_s
+
+    _wait(driver, settled, what)
+
+
 def _css(driver, selector: str):
     from selenium.webdriver.common.by import By
 
@@ -226,7 +239,7 @@ def test_demo_in_a_real_browser(demo, browser, shots, tmp_path):
         lambda d: _css(d, "#chat-send") and _css(d, "#chat-send")[0].is_enabled(),
         "the chat to finish",
     )
-    time.sleep(0.5)
+    _wait_settled(driver, "#chatbot [data-testid=bot]", "the second answer to finish streaming")
     _css(driver, "#chat-clear")[0].click()
     _wait(driver, lambda d: not _css(d, "#chatbot [data-testid=user]"), "the conversation to clear")
 

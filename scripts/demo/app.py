@@ -206,9 +206,12 @@ def build_app(backend: DemoBackend, model_name: str = "") -> gr.Blocks:
                 handlers.chat_image, chat_file, [chat_preview, chat_image, chatbot, history], **queued
             )
             chat_inputs = [question, history, chat_image, max_new_tokens, chat_temperature, chat_top_p]
-            for event in (send.click, question.submit):
+            asks = [
                 event(handlers.chat, chat_inputs, [question, chatbot, history], **queued)
-            clear.click(lambda: ([], [], ""), None, [chatbot, history, question], queue=False)
+                for event in (send.click, question.submit)
+            ]
+            # Clearing stops an answer still streaming, which would otherwise refill the cleared conversation.
+            clear.click(lambda: ([], [], ""), None, [chatbot, history, question], queue=False, cancels=asks)
             # The chatbot's own trash button empties the display; the kept history must follow.
             chatbot.clear(lambda: [], None, history, queue=False)
 
