@@ -41,7 +41,7 @@ from unitok.tokenizer.losses import (
     DinoDiscConfig,
     DinoDiscriminator,
     ReconstructionLoss,
-    adaptive_gan_weight,
+    adaptive_gan_grads,
     blur_fade_schedule,
     blur_sigma_from_fade,
     discriminator_loss,
@@ -172,7 +172,14 @@ class Trainer:
         self.skipped_before = 0
         self.position = DataPosition(epoch=0, batch_in_epoch=0)
         self.checkpoint: Path | None = None
+        # Steps skipped in a row for a non-finite gradient: counted on the device, read on the host when
+        # ``_check_nonfinite`` runs (every step, or only on logging and checkpoint steps when both engines
+        # skip on the device).
+        self.nonfinite_run = torch.zeros((), device=self.device)
+        self.nonfinite_total = torch.zeros((), device=self.device)
         self.nonfinite_in_a_row = 0
+        self._nonfinite_seen = 0
+        self._last_grad_norm: Scalar = float("nan")
         if resume_state is not None:
             self._load_checkpoint(self.resumed_from, resume_state)
         del resume_state
@@ -276,9 +283,11 @@ class Trainer:
     def _build_engine(
         self, module: torch.nn.Module, section: Any, multiplier: WarmupCosine
     ) -> TorchEngine | DeepSpeedEngine:
-        optimizer = build_adamw(module, section.lr, section.betas, section.weight_decay, section.eps)
-        scheduler = build_scheduler(optimizer, multiplier)
         train = self.config.train
+        optimizer = build_adamw(
+            module, section.lr, section.betas, section.weight_decay, section.eps, fused=train.fused_adamw
+        )
+        scheduler = build_scheduler(optimizer, multiplier)
         if self.config.distributed.engine == "deepspeed":
             return DeepSpeedEngine(
                 module,
@@ -338,8 +347,13 @@ class Trainer:
         with self.gen.sync(sync):
             with self._autocast():
                 out = self.gen(img, ids if self.clip_loss is not None else None, recon_batch_size=recon_bs)
-            rec = self.recon_loss(out.recon, img[:recon_bs])
-            total = rec.total + config.loss.vq * out.vq_loss + out.entropy_loss
+            adaptive = warm > 0 and config.disc.adaptive
+            # With the adaptive GAN weight the reconstruction and GAN losses see a detached copy of the
+            # reconstruction, so that LPIPS and the discriminator are back-propagated once each (see
+            # adaptive_gan_grads) instead of once for the weight and again for the total.
+            recon = out.recon.detach().requires_grad_() if adaptive else out.recon
+            rec = self.recon_loss(recon, img[:recon_bs])
+            model_terms = config.loss.vq * out.vq_loss + out.entropy_loss
             parts = {
                 "l1": rec.l1,
                 "l2": rec.l2,
@@ -349,22 +363,33 @@ class Trainer:
             }
             if self.clip_loss is not None:
                 clip = self.clip_loss(out.image_features.float(), out.text_features.float(), out.logit_scale)
-                total = total + config.loss.clip * clip
+                model_terms = model_terms + config.loss.clip * clip
                 parts["clip"] = clip
+            total = rec.total + model_terms
             if warm > 0:
                 # The bare module (not DDP's wrapper) with frozen weights: gradients reach the generator only.
                 with _frozen(self.disc_module), self._autocast():
-                    g_loss = generator_loss(self.disc_module, out.recon, sigma, config.disc.aug_prob)
-                weight = (
-                    adaptive_gan_weight(
-                        rec.total, g_loss, self.model.decoder_last_layer(), *config.disc.adaptive_clamp
+                    g_loss = generator_loss(self.disc_module, recon, sigma, config.disc.aug_prob)
+                gan_scale = warm * config.disc.weight
+                if adaptive:
+                    grads = adaptive_gan_grads(
+                        rec.total,
+                        g_loss,
+                        recon,
+                        out.recon,
+                        self.model.decoder_last_layer(),
+                        *config.disc.adaptive_clamp,
                     )
-                    if config.disc.adaptive
-                    else g_loss.new_ones(())
-                )
-                total = total + warm * config.disc.weight * weight * g_loss
+                    weight = grads.weight
+                    recon_grad = grads.nll_grad + gan_scale * weight * grads.g_grad
+                    # The reconstruction and GAN terms reach the model through out.recon only.
+                    model_terms = model_terms + (out.recon * recon_grad).sum()
+                    total = total.detach()
+                else:
+                    weight = g_loss.new_ones(())
+                total = total + gan_scale * weight * g_loss
                 parts.update(gan=g_loss, gan_weight=weight)
-            self.gen.backward(total)
+            self.gen.backward(model_terms if adaptive else total)
         scalars = {k: v.detach() for k, v in parts.items()}
         scalars["loss"] = total.detach()
         scalars["usage"] = out.usage.detach().float().mean()
@@ -409,34 +434,53 @@ class Trainer:
             step_scalars.add(scalars)
         scalars = step_scalars.step_means()
         scalars["grad_norm"] = self.gen.step()
-        finite = self.gen.last_step_finite
-        if finite:
-            self.model.clamp_logit_scale()
-            if self.ema is not None:
-                self.ema.update(self.model)
+        # A skipped step left the weights as they were: the clamp is a no-op on them (they were clamped
+        # after the step that wrote them) and the EMA is told to stay.
+        self.model.clamp_logit_scale()
+        if self.ema is not None:
+            self.ema.update(self.model, skip=self.gen.nonfinite)
+        nonfinite = self.gen.nonfinite
         if warm > 0:
             scalars["disc_grad_norm"] = self.disc.step()
-            finite = finite and self.disc.last_step_finite
+            nonfinite = torch.maximum(nonfinite, self.disc.nonfinite)
             scalars["gan_warm"] = warm
             scalars["disc_lr"] = disc_lr
         scalars["lr"] = lr
         self.step += 1
-        self._check_finite_step(finite, scalars["grad_norm"])
+        self.nonfinite_run = (self.nonfinite_run + 1) * nonfinite
+        self.nonfinite_total = self.nonfinite_total + nonfinite
+        self._last_grad_norm = scalars["grad_norm"]
+        if not self._skips_on_device():
+            self._check_nonfinite()
         return scalars
 
-    def _check_finite_step(self, finite: bool, grad_norm: Scalar) -> None:
-        """Count steps skipped for a non-finite gradient; stop after ``max_nonfinite_steps`` in a row."""
-        if finite:
-            self.nonfinite_in_a_row = 0
+    def _skips_on_device(self) -> bool:
+        return self.gen.sync_free and (self.disc is None or self.disc.sync_free)
+
+    def _check_nonfinite(self) -> None:
+        """Read the count of steps skipped in a row for a non-finite gradient (one host read); warn about new
+        ones and stop after ``max_nonfinite_steps`` in a row (or at once where the engine cannot skip)."""
+        in_a_row, total = (int(n) for n in torch.stack([self.nonfinite_run, self.nonfinite_total]).tolist())
+        new, self._nonfinite_seen = total - self._nonfinite_seen, total
+        self.nonfinite_in_a_row = in_a_row
+        if not new:
             return
-        self.nonfinite_in_a_row += 1
         limit = self.config.train.max_nonfinite_steps
         can_skip = self.gen.can_skip_steps and (self.disc is None or self.disc.can_skip_steps)
+        if in_a_row == 0:
+            # A run of skipped steps that ended between two reads (engines that skip on the device).
+            if self.info.is_main:
+                log.warning(
+                    "%d step(s) before step %d had a non-finite gradient norm; the update was skipped",
+                    new,
+                    self.step,
+                )
+            return
         if self.info.is_main:
             log.warning(
                 "step %d: gradient norm %s is not finite; %s (%d in a row, limit %d)",
                 self.step,
-                float(grad_norm),
+                float(self._last_grad_norm),
                 "the update was skipped" if can_skip else "the engine applied it",
                 self.nonfinite_in_a_row,
                 limit,
@@ -495,6 +539,8 @@ class Trainer:
             self.running.add(scalars)
             self.monitor.advance()
             if self.step % config.logging.log_every == 0 or self.step == stop:
+                if self._skips_on_device():
+                    self._check_nonfinite()
                 now = time.perf_counter()
                 record = self.running.means(self.info)
                 record.update(self._position_scalars())
@@ -606,6 +652,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically (all processes take part), keep the last ``keep_last``."""
+        self._check_nonfinite()
         bad = nonfinite_tensors(self.model.state_dict())
         if self.ema is not None:
             bad += [f"ema.{name}" for name in nonfinite_tensors(self.ema.state_dict())]

@@ -17,7 +17,9 @@ from .diffaug import (
 )
 from .discriminator import DISC_PRESETS, DinoDiscConfig, DinoDiscriminator, dinov2_to_timm, resample_pos_embed
 from .gan import (
+    AdaptiveGanGrads,
     DiscriminatorLoss,
+    adaptive_gan_grads,
     adaptive_gan_weight,
     blur_fade_schedule,
     discriminator_loss,
@@ -32,6 +34,7 @@ from .pixel import PixelLoss, ReconstructionLoss, ReconstructionOutput, pixel_lo
 __all__ = [
     "DISC_PRESETS",
     "LPIPS",
+    "AdaptiveGanGrads",
     "ClipLoss",
     "DinoDiscConfig",
     "DinoDiscriminator",
@@ -39,6 +42,7 @@ __all__ = [
     "PixelLoss",
     "ReconstructionLoss",
     "ReconstructionOutput",
+    "adaptive_gan_grads",
     "adaptive_gan_weight",
     "adjust_color",
     "blur_fade_schedule",

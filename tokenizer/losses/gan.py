@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from .diffaug import diff_augment
 
 __all__ = [
+    "AdaptiveGanGrads",
     "DiscriminatorLoss",
+    "adaptive_gan_grads",
     "adaptive_gan_weight",
     "blur_fade_schedule",
     "discriminator_loss",
@@ -60,12 +62,7 @@ def adaptive_gan_weight(
     Returns:
         detached float32 scalar tensor.
     """
-    if nll_loss.ndim != 0 or g_loss.ndim != 0:
-        raise ValueError(
-            f"expected scalar losses, got shapes {list(nll_loss.shape)} and {list(g_loss.shape)}"
-        )
-    if not 0.0 <= min_weight <= max_weight:
-        raise ValueError(f"expected 0 <= min_weight <= max_weight, got {min_weight}, {max_weight}")
+    _check_adaptive_args(nll_loss, g_loss, min_weight, max_weight)
     grads = []
     for name, loss in (("nll_loss", nll_loss), ("g_loss", g_loss)):
         (grad,) = torch.autograd.grad(loss, last_layer, retain_graph=True, allow_unused=True)
@@ -74,6 +71,71 @@ def adaptive_gan_weight(
         grads.append(grad.detach().float())
     weight = grads[0].norm() / (grads[1].norm() + eps)
     return weight.clamp(min_weight, max_weight)
+
+
+def _check_adaptive_args(
+    nll_loss: torch.Tensor, g_loss: torch.Tensor, min_weight: float, max_weight: float
+) -> None:
+    if nll_loss.ndim != 0 or g_loss.ndim != 0:
+        raise ValueError(
+            f"expected scalar losses, got shapes {list(nll_loss.shape)} and {list(g_loss.shape)}"
+        )
+    if not 0.0 <= min_weight <= max_weight:
+        raise ValueError(f"expected 0 <= min_weight <= max_weight, got {min_weight}, {max_weight}")
+
+
+class AdaptiveGanGrads(NamedTuple):
+    """What ``adaptive_gan_grads`` returns: the detached float32 scalar ``weight`` (as ``adaptive_gan_weight``)
+    and the gradients of the two losses w.r.t. the output, ``nll_grad`` and ``g_grad`` (its shape, detached)."""
+
+    weight: torch.Tensor
+    nll_grad: torch.Tensor
+    g_grad: torch.Tensor
+
+
+def adaptive_gan_grads(
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    output_leaf: torch.Tensor,
+    output: torch.Tensor,
+    last_layer: torch.Tensor,
+    min_weight: float = 0.015,
+    max_weight: float = 1e4,
+    eps: float = 1e-6,
+) -> AdaptiveGanGrads:
+    """``adaptive_gan_weight`` with each loss back-propagated once, for losses that reach the model only
+    through one output (the decoder's reconstruction).
+
+    ``adaptive_gan_weight`` followed by ``backward(nll + c * w * g)`` runs the backward of LPIPS and of the
+    discriminator twice. Here both losses are taken on ``output_leaf``, a detached copy of ``output`` that
+    requires grad; each is back-propagated to it once (freeing its graph), and the two last-layer gradients
+    come from one batched pass through the layers between ``last_layer`` and ``output`` (the last conv).
+    The caller then back-propagates ``(output * (nll_grad + c * weight * g_grad)).sum()`` into the model,
+    which gives the gradients of ``nll + c * weight * g``. The model's graph is retained for that.
+
+    Args:
+        nll_loss, g_loss: scalar losses computed from ``output_leaf``.
+        output_leaf: ``output.detach().requires_grad_()``.
+        output: the model's output, in the graph of ``last_layer``.
+        last_layer: the decoder's last weight (``UniTok.decoder_last_layer()``).
+    """
+    _check_adaptive_args(nll_loss, g_loss, min_weight, max_weight)
+    if not output_leaf.requires_grad or output_leaf.grad_fn is not None:
+        raise ValueError(
+            "expected output_leaf = output.detach().requires_grad_() (a leaf that requires grad)"
+        )
+    grads = []
+    for name, loss in (("nll_loss", nll_loss), ("g_loss", g_loss)):
+        (grad,) = torch.autograd.grad(loss, output_leaf, allow_unused=True) if loss.requires_grad else (None,)
+        if grad is None:
+            raise ValueError(f"{name} does not depend on output_leaf; compute it from the detached output")
+        grads.append(grad)
+    (layer_grads,) = torch.autograd.grad(
+        output, last_layer, grad_outputs=torch.stack(grads), retain_graph=True, is_grads_batched=True
+    )
+    norms = layer_grads.detach().float().flatten(1).norm(dim=1)
+    weight = (norms[0] / (norms[1] + eps)).clamp(min_weight, max_weight)
+    return AdaptiveGanGrads(weight, grads[0], grads[1])
 
 
 def _check_schedule(step: int, total_steps: int, start_frac: float, warmup_frac: float) -> None:

@@ -110,7 +110,11 @@ class TrainSection:
     ``cores / processes - data workers`` (at least 1) unless ``OMP_NUM_THREADS`` is set: OpenMP threads
     that must share cores with the DataLoader workers spin and slow a step down several times.
     A step whose loss or gradient is not finite is skipped (no weight update); ``max_nonfinite_steps``
-    such steps in a row stop the run with an error.
+    such steps in a row stop the run with an error. ``fused_adamw`` (null: on CUDA) uses AdamW's fused
+    kernel, which skips such a step on the device: the trainer then reads the count of skipped steps only
+    when it logs or checkpoints, so a run may stop up to ``logging.log_every`` steps after the limit (the
+    skipped steps change no weight). ``compile`` compiles the encoder's and decoder's transformer blocks
+    with ``torch.compile`` (the state dict keeps its keys).
     """
 
     local_batch_size: int = 64
@@ -126,6 +130,8 @@ class TrainSection:
     cpu_threads: int | None = None
     ema_decay: float | None = None
     max_nonfinite_steps: int = 5
+    fused_adamw: bool | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(

@@ -140,6 +140,11 @@ class TorchEngine:
     ``backward`` divides the loss by ``grad_accum``; ``step`` unscales, clips the gradient norm to
     ``grad_clip`` (0 = no clipping), steps optimiser and schedule, zeroes the gradients and returns the
     pre-clipping gradient norm. ``bf16_grad_compression`` all-reduces DDP's gradients in bf16.
+
+    After each ``step``, ``nonfinite`` is a 0-dim float tensor on the module's device: 1.0 when the step's
+    gradient was not finite and its update was skipped, else 0.0. With a fused AdamW (and no fp16 loss
+    scaling) the skip happens on the device and ``sync_free`` is True: nothing in ``step`` waits for the
+    device. Otherwise ``step`` reads the norm on the host to decide.
     """
 
     def __init__(
@@ -159,8 +164,9 @@ class TorchEngine:
         self.scheduler = scheduler
         self.grad_clip = grad_clip
         self.grad_accum = grad_accum
-        self.last_step_finite = True
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
+        self.sync_free = bool(optimizer.defaults.get("fused")) and not fp16
+        self.nonfinite = torch.zeros((), device=info.device)
         self._params = [p for p in module.parameters() if p.requires_grad]
         if info.distributed:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -196,21 +202,29 @@ class TorchEngine:
         """Accumulate the gradients of one micro-batch's loss."""
         self.scaler.scale(loss / self.grad_accum).backward()
 
-    # A step with a non-finite gradient is skipped (``last_step_finite`` tells the loop).
+    # A step with a non-finite gradient is skipped (``nonfinite`` tells the loop).
     can_skip_steps = True
 
     def step(self) -> torch.Tensor:
         """Clip, step optimiser and schedule, zero the gradients; returns the gradient norm before clipping.
 
         A non-finite gradient norm (the gradients are already all-reduced, so every process agrees)
-        skips the optimiser update but not the schedule, and sets ``last_step_finite`` to False. This
-        costs one host sync per step.
+        skips the optimiser update but not the schedule, and sets ``nonfinite`` to 1. With ``sync_free``
+        the fused AdamW skips it on the device; otherwise deciding costs one host read of the norm.
         """
         self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-        self.last_step_finite = bool(torch.isfinite(norm))
-        if self.last_step_finite or self.scaler.is_enabled():
+        self.nonfinite = (~torch.isfinite(norm)).float()
+        if self.sync_free:
+            # The fused kernel leaves weights, moments and step counts as they were where found_inf is 1
+            # (the attribute GradScaler sets for optimisers that take it).
+            self.optimizer.found_inf = self.nonfinite
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(self.nonfinite) or self.scaler.is_enabled():
             # fp16's grad scaler skips non-finite steps itself and lowers its scale.
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -299,6 +313,8 @@ class DeepSpeedEngine:
         self.module = module
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.device = info.device
+        self.nonfinite = torch.zeros((), device=info.device)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
@@ -315,15 +331,18 @@ class DeepSpeedEngine:
         if not boundary:
             self.engine.step()
 
-    # DeepSpeed applies the update before the norm is known: a non-finite step cannot be undone.
+    # DeepSpeed applies the update before the norm is known: a non-finite step cannot be undone. The norm
+    # is read on the host every step (``nonfinite`` is set from it).
     can_skip_steps = False
+    sync_free = False
 
     def step(self) -> float:
         """The optimiser step at the accumulation boundary (clip, AdamW, schedule, zero grads); returns the norm."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        self.last_step_finite = norm == norm and abs(norm) != float("inf")
+        finite = norm == norm and abs(norm) != float("inf")
+        self.nonfinite = torch.tensor(0.0 if finite else 1.0, device=self.device)
         return norm
 
     @property

@@ -20,12 +20,17 @@ class ModelEma:
         self.shadow = {name: value.detach().clone() for name, value in model.state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow weights towards ``model``'s current weights."""
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """Move the shadow weights towards ``model``'s current weights.
+
+        ``skip``: a 0-dim tensor on the weights' device; where it is 1 the floating-point shadows stay as
+        they are (a step the optimiser skipped), decided on the device without a host read.
+        """
         current = model.state_dict()
+        rate = 1.0 - self.decay if skip is None else (1.0 - self.decay) * (1.0 - skip)
         for name, value in self.shadow.items():
             if value.is_floating_point():
-                value.lerp_(current[name].detach(), 1.0 - self.decay)
+                value.lerp_(current[name].detach(), rate)
             else:
                 value.copy_(current[name])
 

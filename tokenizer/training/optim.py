@@ -22,13 +22,23 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(
-    module: nn.Module, lr: float, betas: tuple[float, float], weight_decay: float, eps: float
+    module: nn.Module,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over ``param_groups(module, weight_decay)``; the fused kernel when every
-    trainable parameter is on CUDA (one launch per step instead of a few per parameter tensor)."""
+    """``torch.optim.AdamW`` over ``param_groups(module, weight_decay)``.
+
+    ``fused``: the fused kernel (one launch per step instead of a few per parameter tensor, and it can skip
+    a non-finite step on the device); None picks it when every trainable parameter is on CUDA. On the CPU
+    the fused kernel rounds differently from the default one, so it stays opt-in there.
+    """
     groups = param_groups(module, weight_decay)
     params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.is_cuda for p in params)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 

@@ -1,0 +1,245 @@
+"""Training-step efficiency changes of the tokenizer trainer, each checked against the path it replaces:
+the adaptive GAN weight with one backward pass through LPIPS and the discriminator, and the non-finite
+step skipped on the device by the fused AdamW (no host read per step).
+
+Models are unitok-tiny at 32 px with a random LPIPS trunk and the tiny discriminator, on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from unitok.tokenizer import TokenizerConfig, UniTok
+from unitok.tokenizer.losses import (
+    LPIPS,
+    DinoDiscConfig,
+    DinoDiscriminator,
+    ReconstructionLoss,
+    adaptive_gan_grads,
+    adaptive_gan_weight,
+    generator_loss,
+)
+from unitok.tokenizer.training.distributed import DistInfo, TorchEngine
+from unitok.tokenizer.training.ema import ModelEma
+from unitok.tokenizer.training.optim import build_adamw, build_scheduler
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
+
+
+def _gan_parts(checkpoint_parts: str = "none"):
+    torch.manual_seed(0)
+    model = UniTok(TokenizerConfig.preset("unitok-tiny", image_size=32, checkpoint_parts=checkpoint_parts))
+    lpips = LPIPS(pretrained=False, min_size=16)
+    disc = DinoDiscriminator(DinoDiscConfig.preset("tiny")).requires_grad_(False)
+    recon_loss = ReconstructionLoss(0.2, 1.0, 1.0, lpips=lpips)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    return model.train(), disc, recon_loss, img
+
+
+def _generator_grads(model, disc, recon_loss, img, one_pass: bool, gan_scale: float = 0.3):
+    """(adaptive weight, total loss, gradient of every parameter) of the generator loss with the GAN term."""
+    model = copy.deepcopy(model)
+    torch.manual_seed(1)
+    out = model(img)
+    recon = out.recon.detach().requires_grad_() if one_pass else out.recon
+    rec = recon_loss(recon, img)
+    g_loss = generator_loss(disc, recon, blur_sigma=0.5)
+    model_terms = out.vq_loss + out.entropy_loss
+    if one_pass:
+        grads = adaptive_gan_grads(rec.total, g_loss, recon, out.recon, model.decoder_last_layer())
+        weight = grads.weight
+        (model_terms + (out.recon * (grads.nll_grad + gan_scale * weight * grads.g_grad)).sum()).backward()
+    else:
+        weight = adaptive_gan_weight(rec.total, g_loss, model.decoder_last_layer())
+        (rec.total + model_terms + gan_scale * weight * g_loss).backward()
+    total = rec.total.detach() + model_terms.detach() + gan_scale * weight * g_loss.detach()
+    return weight, total, {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpoint_parts", ["none", "all"])
+def test_one_pass_adaptive_weight_gives_the_two_pass_weight_and_gradients(checkpoint_parts):
+    parts = _gan_parts(checkpoint_parts)
+    weight, total, grads = _generator_grads(*parts, one_pass=True)
+    ref_weight, ref_total, ref_grads = _generator_grads(*parts, one_pass=False)
+    assert 0.015 < float(ref_weight) < 1e4  # not clamped: the ratio itself is compared
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+    assert grads.keys() == ref_grads.keys() and "decoder.up_conv4.conv2.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_one_pass_adaptive_weight_runs_each_loss_backward_once():
+    model, disc, recon_loss, img = _gan_parts()
+    calls = {"lpips": 0, "disc": 0}
+    for key, module in (("lpips", recon_loss.lpips.net), ("disc", disc)):
+        module.register_full_backward_hook(lambda *_, _key=key: calls.__setitem__(_key, calls[_key] + 1))
+    _generator_grads(model, disc, recon_loss, img, one_pass=False)
+    assert calls == {"lpips": 2, "disc": 2}
+    calls.update(lpips=0, disc=0)
+    _generator_grads(model, disc, recon_loss, img, one_pass=True)
+    assert calls == {"lpips": 1, "disc": 1}
+
+
+def test_one_pass_adaptive_weight_rejects_losses_not_taken_on_the_leaf():
+    model, disc, recon_loss, img = _gan_parts()
+    out = model(img)
+    leaf = out.recon.detach().requires_grad_()
+    g_loss = generator_loss(disc, leaf)
+    with pytest.raises(ValueError, match="nll_loss does not depend on output_leaf"):
+        adaptive_gan_grads(
+            recon_loss(out.recon, img).total, g_loss, leaf, out.recon, model.decoder_last_layer()
+        )
+    with pytest.raises(ValueError, match="detach"):
+        adaptive_gan_grads(g_loss, g_loss, out.recon, out.recon, model.decoder_last_layer())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# non-finite steps skipped on the device
+
+
+class _ScalarReads(TorchDispatchMode):
+    """Counts ``_local_scalar_dense`` (``.item()``, ``bool(t)``, ``.tolist()`` of a scalar): host reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_local_scalar_dense":
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _engine(fused: bool, seed: int = 0) -> tuple[torch.nn.Module, TorchEngine]:
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    optimizer = build_adamw(module, 1e-2, (0.9, 0.95), 0.1, 1e-6, fused=fused)
+    scheduler = build_scheduler(optimizer, lambda step: 1.0)
+    return module, TorchEngine(module, optimizer, scheduler, CPU, grad_clip=1.0)
+
+
+def _step(module, engine, poison: bool) -> tuple[torch.Tensor, int]:
+    loss = module(torch.linspace(-1, 1, 12).view(3, 4)).square().sum()
+    if poison:
+        loss = loss * float("nan")
+    engine.backward(loss)
+    with _ScalarReads() as reads:
+        norm = engine.step()
+    return norm, reads.reads
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_step_changes_no_weight_and_no_optimiser_state(fused):
+    module, engine = _engine(fused)
+    assert engine.sync_free is fused
+    _step(module, engine, poison=False)
+    weights = copy.deepcopy(module.state_dict())
+    state = copy.deepcopy(engine.optimizer.state_dict()["state"])
+    norm, _ = _step(module, engine, poison=True)
+    assert not torch.isfinite(norm) and float(engine.nonfinite) == 1.0
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    for index, entry in engine.optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, state[index][key]), (index, key)
+    assert engine.scheduler.last_epoch == 2  # the schedule moves on, as before
+    _step(module, engine, poison=False)
+    assert float(engine.nonfinite) == 0.0
+    assert int(engine.optimizer.state_dict()["state"][0]["step"]) == 2
+
+
+def test_the_fused_engine_decides_without_a_host_read_and_follows_the_default_kernel():
+    fused_module, fused = _engine(fused=True)
+    plain_module, plain = _engine(fused=False)
+    for poison in (False, True, False, False):
+        _, fused_reads = _step(fused_module, fused, poison)
+        _, plain_reads = _step(plain_module, plain, poison)
+        assert fused_reads == 0 and plain_reads >= 1
+    for name, value in fused_module.state_dict().items():
+        torch.testing.assert_close(value, plain_module.state_dict()[name], rtol=1e-5, atol=1e-7)
+
+
+def test_ema_stays_where_a_step_was_skipped():
+    module, _ = _engine(fused=False)
+    ema = ModelEma(module, 0.9)
+    before = copy.deepcopy(ema.state_dict())
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(1.0)
+    ema.update(module, skip=torch.ones(()))
+    assert all(torch.equal(value, before[name]) for name, value in ema.state_dict().items())
+    reference = ModelEma(module, 0.9)
+    reference.load_state_dict(before)
+    reference.update(module)
+    ema.update(module, skip=torch.zeros(()))
+    assert all(torch.equal(value, reference.state_dict()[name]) for name, value in ema.state_dict().items())
+
+
+def _run_overrides(out: Path, world: Path, *extra: str) -> list[str]:
+    return [
+        f"output_dir={out}",
+        f"data.path={world}",
+        "data.synth=null",
+        "data.num_workers=0",
+        "model.overrides.image_size=32",
+        "train.device=cpu",
+        "train.cpu_threads=1",
+        "train.local_batch_size=4",
+        "logging.image_every=0",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "checkpoint.resume=null",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from unitok.data.synth import SynthConfig, generate_world
+
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, SynthConfig(num_images=16, size=32, classify_per_class=0, shard_size=16), workers=1)
+    return root
+
+
+def test_a_diverging_run_with_device_side_skips_stops_at_a_logging_step(world, tmp_path, caplog):
+    from unitok.tokenizer.train import train
+    from unitok.tokenizer.training import checkpointing
+    from unitok.tokenizer.training.config import load_run_config
+
+    out = tmp_path / "run"
+    config = load_run_config(
+        "unitok-tiny-synth",
+        _run_overrides(
+            out,
+            world,
+            "train.fused_adamw=true",
+            "optim.lr=1e8",
+            "optim.warmup=0",
+            "train.max_nonfinite_steps=2",
+            "train.total_steps=8",
+            "logging.log_every=4",
+            "checkpoint.every_steps=100",
+        ),
+    )
+    with pytest.raises(
+        checkpointing.TrainingError, match=r"not finite for [2-4] step\(s\) in a row up to step 4"
+    ):
+        train(config)
+    assert "update was skipped" in caplog.text
+    assert not (out / "final").exists() and not checkpointing.list_checkpoints(out / "checkpoints")
