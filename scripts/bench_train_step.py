@@ -44,10 +44,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import unitok.tokenizer
+import unitok.tokenizer.model
 from unitok.tokenizer import TokenizerConfig, UniTok
 from unitok.tokenizer.config import CHECKPOINT_PARTS, CHECKPOINT_PRESETS
 from unitok.tokenizer.decoder import ViTaminDecoder
 from unitok.tokenizer.quantizer import _StackedCodebookQuantizer
+from unitok.tokenizer.text import check_text_ids
 
 SECTIONS = ("syncs", "flops", "memory")
 # ATen ops after which the host waits for the device: a scalar read, or an output sized by the data.
@@ -92,7 +94,32 @@ def before_changes(active: bool) -> Iterator[None]:
         _StackedCodebookQuantizer._count_codes = original
 
 
-MODES = {"before": dict(upsample="nearest_conv"), "after": dict(upsample="transposed")}
+def _text_ids_check_on_accelerator(ids: torch.Tensor, context_length: int, vocab_size: int) -> None:
+    """The ATen ops of ``check_text_ids`` on an accelerator: a CPU run takes its reading branch
+    (``int(ids.min())``), a GPU run the device-side assertion only, which this runs on any device (the
+    shape and dtype checks, plain Python, are left out)."""
+    torch._assert_async((ids.min() >= 0) & (ids.max() < vocab_size), "text ids out of range")
+
+
+@contextlib.contextmanager
+def gpu_text_check(active: bool) -> Iterator[None]:
+    """Within the block (when ``active``), the tokenizer checks text ids as it does on an accelerator."""
+    if not active:
+        yield
+        return
+    unitok.tokenizer.model.check_text_ids = _text_ids_check_on_accelerator
+    try:
+        yield
+    finally:
+        unitok.tokenizer.model.check_text_ids = check_text_ids
+
+
+# before: literal upsampler, bincount, AdamW's default kernel (the trainer reads the gradient norm on the host
+# every step to skip a non-finite one); after: today's GPU defaults (fused AdamW skips on the device).
+MODES = {
+    "before": dict(upsample="nearest_conv", fused_adamw=False),
+    "after": dict(upsample="transposed", fused_adamw=True),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +196,7 @@ class HostSyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _tiny_trainer(out: Path, world: Path, upsample: str):
+def _tiny_trainer(out: Path, world: Path, upsample: str, fused_adamw: bool = False):
     from unitok.tokenizer.train import Trainer
     from unitok.tokenizer.training import distributed
     from unitok.tokenizer.training.config import load_run_config
@@ -185,6 +212,7 @@ def _tiny_trainer(out: Path, world: Path, upsample: str):
         "train.cpu_threads=1",
         "train.local_batch_size=4",
         "train.total_steps=100",
+        f"train.fused_adamw={str(fused_adamw).lower()}",
         "loss.lpips=1.0",
         "loss.lpips_weights=random",
         "disc.enabled=true",
@@ -211,10 +239,11 @@ def _counting(trainer) -> HostSyncCounter:
             counter.mark_device(*module.parameters(), *module.buffers())
     for engine in (trainer.gen, trainer.disc):
         if engine is not None:
+            fused = bool(engine.optimizer.defaults.get("fused"))
             for state in engine.optimizer.state.values():
                 # AdamW keeps its step counters on the host unless fused or capturable; moments on the device.
                 counter.mark_device(
-                    *(v for k, v in state.items() if k != "step" and isinstance(v, torch.Tensor))
+                    *(v for k, v in state.items() if (fused or k != "step") and isinstance(v, torch.Tensor))
                 )
     next_batch = trainer.stream.next
 
@@ -239,8 +268,8 @@ def measure_syncs(steps: int) -> list[dict]:
         )
         for mode, options in MODES.items():
             torch.manual_seed(0)
-            with before_changes(mode == "before"):
-                trainer = _tiny_trainer(Path(tmp) / mode, world, options["upsample"])
+            with before_changes(mode == "before"), gpu_text_check(mode == "after"):
+                trainer = _tiny_trainer(Path(tmp) / mode, world, options["upsample"], options["fused_adamw"])
                 trainer.train_step()
                 counter = _counting(trainer)
                 with counter:
