@@ -308,6 +308,7 @@ class Trainer:
             train.grad_accum,
             fp16=train.precision == "fp16" and self.device.type == "cuda",
             find_unused_parameters=self.config.distributed.find_unused_parameters,
+            bf16_grad_compression=self.config.distributed.bf16_grad_compression,
         )
 
     def _build_recon_loss(self) -> ReconstructionLoss:
