@@ -243,3 +243,54 @@ def test_a_diverging_run_with_device_side_skips_stops_at_a_logging_step(world, t
         train(config)
     assert "update was skipped" in caplog.text
     assert not (out / "final").exists() and not checkpointing.list_checkpoints(out / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train.compile
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_loss_and_gradients_in_one_graph_without_breaks():
+    from unitok.tokenizer.train import compile_blocks
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    eager = UniTok(TokenizerConfig.preset("unitok-tiny", image_size=32)).train()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    losses = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        out = model(img)
+        loss = out.recon.square().mean() + out.vq_loss + out.image_features.square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for (name, param), compiled_param in zip(eager.named_parameters(), compiled.parameters()):
+        if param.grad is not None:
+            torch.testing.assert_close(compiled_param.grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    stats = torch._dynamo.utils.counters
+    assert not stats["graph_break"] and stats["stats"]["unique_graphs"] == 1
+    assert stats["stats"]["calls_captured"] > 0
+
+
+def test_the_trainer_compiles_the_transformer_blocks_only_when_asked(world, tmp_path):
+    from unitok.tokenizer.train import Trainer
+    from unitok.tokenizer.training.config import load_run_config
+
+    for flag in (False, True):
+        config = load_run_config(
+            "unitok-tiny-synth",
+            _run_overrides(
+                tmp_path / str(flag), world, "train.total_steps=2", f"train.compile={str(flag).lower()}"
+            ),
+        )
+        trainer = Trainer(config, CPU)
+        trainer.monitor.close()
+        model = trainer.model
+        blocks = [*model.encoder.blocks, *model.decoder.blocks]
+        assert all((block._compiled_call_impl is not None) is flag for block in blocks)
+        assert model.quantizer._compiled_call_impl is None

@@ -228,7 +228,10 @@ class Trainer:
             for part in (model.text_encoder, model.fc_norm, model.projection):
                 part.requires_grad_(False)
             model.logit_scale.requires_grad_(False)
-        return model.to(self.device).train()
+        model = model.to(self.device).train()
+        if self.config.train.compile:
+            compile_blocks(model)
+        return model
 
     def _disc_active_ever(self) -> bool:
         disc = self.config.disc
@@ -785,6 +788,14 @@ class Trainer:
         self.checkpoint = path
         if self.info.is_main:
             log.info("resumed from %s at step %d", path, self.step)
+
+
+def compile_blocks(model: UniTok) -> None:
+    """``torch.compile`` each transformer block of the encoder and decoder in place (``Module.compile``: the
+    module tree and state-dict keys stay). The blocks share one code path, so one graph (with the weights as
+    inputs) serves all blocks of a tower; the conv parts, the quantizer and the losses stay eager."""
+    for block in (*model.encoder.blocks, *model.decoder.blocks):
+        block.compile()
 
 
 @contextlib.contextmanager
