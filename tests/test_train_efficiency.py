@@ -294,3 +294,52 @@ def test_the_trainer_compiles_the_transformer_blocks_only_when_asked(world, tmp_
         blocks = [*model.encoder.blocks, *model.decoder.blocks]
         assert all((block._compiled_call_impl is not None) is flag for block in blocks)
         assert model.quantizer._compiled_call_impl is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LPIPS precision and memory format
+
+
+def _lpips_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    img = torch.rand(2, 3, 48, 48, generator=generator) * 2 - 1
+    rec = (img + 0.3 * torch.randn(img.shape, generator=generator)).clamp(-1, 1)
+    return rec.requires_grad_(), img
+
+
+def test_lpips_channels_last_gives_the_same_distance_and_gradient():
+    torch.manual_seed(0)
+    plain = LPIPS(pretrained=False, min_size=16)
+    nhwc = LPIPS(pretrained=False, min_size=16, channels_last=True)
+    nhwc.load_state_dict(plain.state_dict())
+    assert nhwc.net.slice1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    results = []
+    for metric in (plain, nhwc):
+        rec, img = _lpips_pair()
+        distance = metric(rec, img)
+        distance.backward()
+        results.append((distance.detach(), rec.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-9)
+
+
+def test_lpips_bf16_trunk_is_close_to_float32_with_finite_gradients_and_float32_output():
+    torch.manual_seed(0)
+    full = LPIPS(pretrained=False, min_size=16)
+    half = LPIPS(pretrained=False, min_size=16, precision="bf16")
+    half.load_state_dict(full.state_dict())
+    rec, img = _lpips_pair()
+    reference = full(rec, img)
+    for autocast in (False, True):
+        rec, img = _lpips_pair()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            distance = half(rec, img)
+        distance.backward()
+        assert distance.dtype == torch.float32 and torch.isfinite(rec.grad).all()
+        torch.testing.assert_close(distance.detach(), reference.detach(), rtol=3e-2, atol=0)
+        assert not torch.equal(distance.detach(), reference.detach())  # the trunk did run in bf16
+    # the float32 trunk ignores the caller's autocast, as before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(full(*_lpips_pair()), reference, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="precision"):
+        LPIPS(pretrained=False, precision="fp16")

@@ -323,6 +323,8 @@ class Trainer:
                 weights_path=None if source in ("torchvision", "random") else source,
                 pretrained=source == "torchvision",
                 min_size=loss.lpips_min_size,
+                precision=loss.lpips_precision,
+                channels_last=loss.lpips_channels_last,
             ).to(self.device)
         return ReconstructionLoss(loss.l1, loss.l2, loss.lpips, lpips=lpips)
 

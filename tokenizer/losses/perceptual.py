@@ -36,6 +36,7 @@ _MIN_INPUT_SIZE = 16
 _SLICE_STARTS = (0, 4, 9, 16, 23)
 _TRUNK_KEY = re.compile(r"net\.slice([1-5])\.(\d+)\.(.+)")
 _LIN_ALIAS = re.compile(r"lin([0-4])\.(.+)")
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # input-scaling constants some combined files carry as buffers; they must equal the package's
 _SCALING_BUFFERS = ("shift", "scale", "scale_inv")
 
@@ -149,6 +150,10 @@ class LPIPS(nn.Module):
         net: ``"vgg"`` (the release trunk and the only one supported).
         min_size: images with H or W below it give a zero loss (release ``lpr=48``, which checks H only);
             at least 16 px.
+        precision: ``"fp32"`` (the release) runs the trunk in float32 whatever the caller's autocast;
+            ``"bf16"`` runs the trunk's convolutions under bf16 autocast (about 2x faster on GPUs with bf16
+            tensor cores, features rounded to bf16); the unit normalisation and the lin layers stay float32.
+        channels_last: keep the trunk's weights and activations NHWC (faster cuDNN convolutions; same values).
     Inputs are in [-1, 1]; the module stays in eval mode and has no trainable parameters.
     """
 
@@ -158,8 +163,12 @@ class LPIPS(nn.Module):
         weights_path: str | os.PathLike | None = None,
         pretrained: bool = True,
         min_size: int = 48,
+        precision: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if precision not in _PRECISIONS:
+            raise ValueError(f"expected LPIPS precision 'fp32' or 'bf16', got {precision!r}")
         if net != "vgg":
             raise ValueError(f"unsupported LPIPS trunk {net!r}; only 'vgg' (the release trunk) is supported")
         if min_size < _MIN_INPUT_SIZE:
@@ -167,6 +176,8 @@ class LPIPS(nn.Module):
                 f"expected min_size >= {_MIN_INPUT_SIZE} (the trunk pools 4 times), got {min_size}"
             )
         self.min_size = min_size
+        self.trunk_dtype = _PRECISIONS[precision]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scaling = lpips_package.ScalingLayer()
         self.register_buffer("shift", scaling.shift.clone(), persistent=False)
         self.register_buffer("scale", scaling.scale.clone(), persistent=False)
@@ -204,6 +215,7 @@ class LPIPS(nn.Module):
                     torchvision_to_lpips_trunk(weights, self.net), strict=True, assign=True
                 )
             self._load_package_lins()
+        self.net.to(memory_format=self.memory_format)
         self.requires_grad_(False)
         self.eval()
 
@@ -224,14 +236,22 @@ class LPIPS(nn.Module):
             )
         if min(rec_B3HW.shape[-2:]) < self.min_size:
             return rec_B3HW.new_zeros((), dtype=torch.float32)
+        rec_feats = self._features(rec_B3HW)
+        # The target (data, no gradient) runs apart under no_grad: its VGG activations are neither kept
+        # for the backward pass nor back-propagated through, which halves LPIPS's backward.
+        with torch.no_grad() if not img_B3HW.requires_grad else contextlib.nullcontext():
+            img_feats = self._features(img_B3HW)
         with torch.autocast(device_type=rec_B3HW.device.type, enabled=False):
-            rec_feats = self.net((rec_B3HW.float() - self.shift) / self.scale)
-            # The target (data, no gradient) runs apart under no_grad: its VGG activations are neither kept
-            # for the backward pass nor back-propagated through, which halves LPIPS's backward.
-            with torch.no_grad() if not img_B3HW.requires_grad else contextlib.nullcontext():
-                img_feats = self.net((img_B3HW.float() - self.shift) / self.scale)
             distance = rec_B3HW.new_zeros((), dtype=torch.float32)
             for rec_f, img_f, lin in zip(rec_feats, img_feats, self.lins):
-                diff = (_unit_normalize(rec_f) - _unit_normalize(img_f)).square()
+                diff = (_unit_normalize(rec_f.float()) - _unit_normalize(img_f.float())).square()
                 distance = distance + lin(diff).mean()
         return distance
+
+    def _features(self, img_B3HW: torch.Tensor) -> list[torch.Tensor]:
+        """The trunk's five feature maps, in ``trunk_dtype`` whatever the caller's autocast."""
+        device_type = img_B3HW.device.type
+        low = self.trunk_dtype != torch.float32
+        with torch.autocast(device_type=device_type, dtype=self.trunk_dtype, enabled=low):
+            x = ((img_B3HW.float() - self.shift) / self.scale).contiguous(memory_format=self.memory_format)
+            return list(self.net(x))

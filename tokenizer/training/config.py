@@ -216,6 +216,8 @@ class LossSection:
     LPIPS runs only on images at least ``lpips_min_size`` pixels wide. ``lpips_weights`` is a weights
     file (the reference's ``lpips_with_vgg.pth`` or torchvision VGG16 weights), ``torchvision`` (ImageNet
     VGG16 through torchvision's cache, downloading once) or ``random`` (an untrained trunk: tests only).
+    ``lpips_precision: bf16`` runs the VGG trunk under bf16 autocast instead of float32 (the release), and
+    ``lpips_channels_last`` keeps it NHWC (see ``unitok.tokenizer.losses.LPIPS``).
     ``clip: 0`` freezes the text tower and the CLIP head and skips them.
     """
 
@@ -224,6 +226,8 @@ class LossSection:
     lpips: float = 1.0
     lpips_min_size: int = 48
     lpips_weights: str | None = None
+    lpips_precision: Literal["fp32", "bf16"] = "fp32"
+    lpips_channels_last: bool = False
     vq: float = 1.0
     clip: float = 1.0
 
