@@ -85,13 +85,19 @@ def frechet_distance_torch(mu1, sigma1, mu2, sigma2) -> float:
     return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * trace_covmean)
 
 
+# Devices without float64 arithmetic: their features are accumulated on the CPU.
+_NO_FLOAT64 = frozenset({"mps"})
+
+
 class FeatureStats:
     """Streaming mean and covariance of feature vectors, accumulated in float64.
 
     Keeps only the count, the mean [F] and the centred sum of outer products [F,F], merged batch by
     batch with the pairwise (Chan et al.) update, so 50k images never sit in memory and no large sums
     cancel. ``cov`` is the unbiased sample covariance (``np.cov(x, rowvar=False)``), which is what the
-    standard FID implementations use.
+    standard FID implementations use. The sums stay on the device of the first batch (a GPU's float64
+    [N,F]^T [N,F] product instead of a copy to the host and a CPU product per batch; Apple's MPS has no
+    float64 and accumulates on the CPU); ``mean`` and ``cov`` copy them to the host once.
     """
 
     def __init__(self, num_features: int | None = None):
@@ -101,13 +107,18 @@ class FeatureStats:
         self._m2: torch.Tensor | None = None
 
     def update(self, feats_NF: torch.Tensor) -> None:
-        """Add a batch of features [N,F] (any float dtype, any device; accumulated on the CPU)."""
+        """Add a batch of features [N,F] (any float dtype, any device; accumulated on the device of the first
+        batch, in float64)."""
         feats_NF = torch.as_tensor(feats_NF)
         if feats_NF.ndim != 2:
             raise ValueError(f"expected features of shape [N,F], got {list(feats_NF.shape)}")
         if feats_NF.shape[0] == 0:
             return
-        x = feats_NF.detach().to(device="cpu", dtype=torch.float64)
+        if self._mean is not None:
+            device = self._mean.device
+        else:
+            device = torch.device("cpu") if feats_NF.device.type in _NO_FLOAT64 else feats_NF.device
+        x = feats_NF.detach().to(device=device, dtype=torch.float64)
         batch = FeatureStats(x.shape[1])
         batch.count = x.shape[0]
         batch._mean = x.mean(dim=0)
@@ -126,10 +137,11 @@ class FeatureStats:
         if self.count == 0:
             self.count, self._mean, self._m2 = other.count, other._mean.clone(), other._m2.clone()
             return
+        other_mean, other_m2 = other._mean.to(self._mean.device), other._m2.to(self._mean.device)
         total = self.count + other.count
-        delta = other._mean - self._mean
+        delta = other_mean - self._mean
         self._mean = self._mean + delta * (other.count / total)
-        self._m2 = self._m2 + other._m2 + torch.outer(delta, delta) * (self.count * other.count / total)
+        self._m2 = self._m2 + other_m2 + torch.outer(delta, delta) * (self.count * other.count / total)
         self.count = total
 
     @property
@@ -137,14 +149,14 @@ class FeatureStats:
         """Mean feature, [F] float64."""
         if self.count == 0:
             raise ValueError("FeatureStats.mean needs at least one sample; call update() first")
-        return self._mean.numpy().copy()
+        return self._mean.cpu().numpy().copy()
 
     @property
     def cov(self) -> np.ndarray:
         """Unbiased covariance, [F,F] float64."""
         if self.count < 2:
             raise ValueError(f"FeatureStats.cov needs at least 2 samples, got {self.count}")
-        return (self._m2 / (self.count - 1)).numpy()
+        return (self._m2 / (self.count - 1)).cpu().numpy()
 
     def frechet_distance(self, other: FeatureStats) -> float:
         """Fréchet distance between this set and ``other`` (see :func:`frechet_distance`)."""

@@ -118,7 +118,9 @@ def evaluate_reconstruction(
         inception.to(device)
     if lpips is not None:
         lpips.to(device)
-    totals = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    # Sums stay on the device until the end: no host read per batch.
+    total_dtype = torch.float32 if device.type == "mps" else torch.float64
+    totals = {key: torch.zeros((), dtype=total_dtype, device=device) for key in ("psnr", "ssim", "lpips")}
     seen = skipped = 0
     grid_orig, grid_recon = [], []
     start = time.perf_counter()
@@ -139,10 +141,10 @@ def evaluate_reconstruction(
                 recon_B3HW = model.decode(codes_BhwK)
             recon_B3HW = _quantize_8bit(recon_B3HW.float())
             codebook.update(codes_BhwK)
-            totals["psnr"] += float(psnr(recon_B3HW, img_B3HW).clamp(max=PSNR_CAP_DB).sum())
-            totals["ssim"] += float(ssim(recon_B3HW, img_B3HW).sum())
+            totals["psnr"] += psnr(recon_B3HW, img_B3HW).clamp(max=PSNR_CAP_DB).sum()
+            totals["ssim"] += ssim(recon_B3HW, img_B3HW).sum()
             if lpips is not None:
-                totals["lpips"] += float(lpips(recon_B3HW, img_B3HW)) * img_B3HW.shape[0]
+                totals["lpips"] += lpips(recon_B3HW, img_B3HW) * img_B3HW.shape[0]
             if inception is not None:
                 recon_feats.update(inception(recon_B3HW))
                 if ref_stats is None:
@@ -155,6 +157,7 @@ def evaluate_reconstruction(
             if max_images is not None and seen >= max_images:
                 break
     bar.close()
+    totals = {key: float(value) for key, value in totals.items()}
     seconds = time.perf_counter() - start
     if seen == 0:
         raise ValueError(f"no readable images to evaluate ({skipped} skipped)")

@@ -343,3 +343,17 @@ def test_lpips_bf16_trunk_is_close_to_float32_with_finite_gradients_and_float32_
         torch.testing.assert_close(full(*_lpips_pair()), reference, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="precision"):
         LPIPS(pretrained=False, precision="fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rFID statistics on the features' device
+
+
+def test_feature_statistics_stay_on_the_device_of_the_features():
+    from unitok.eval.fid import FeatureStats
+
+    stats = FeatureStats()
+    stats.update(torch.empty(5, 8, device="meta"))  # shapes only: where the sums live is what is checked
+    stats.update(torch.empty(3, 8, device="meta", dtype=torch.bfloat16))
+    assert stats._mean.device.type == "meta" and stats._m2.device.type == "meta"
+    assert stats._m2.dtype == torch.float64 and stats.count == 8
