@@ -17,9 +17,12 @@ embeddings of the prompt built by :meth:`~unitok.mllm.sequence.SequenceBuilder.c
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,6 +34,7 @@ from unitok.mllm.sequence import TokenSequence, check_messages, pad_sequences
 
 if TYPE_CHECKING:
     from PIL.Image import Image
+    from torch import nn
 
     from unitok.mllm.model import UniTokMLLM
 
@@ -68,6 +72,7 @@ def sample_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     method: str = "multinomial",
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one index per row of ``logits_NV``; ``temperature == 0`` is greedy (argmax).
 
@@ -76,7 +81,8 @@ def sample_logits(
 
     ``method``: ``"multinomial"`` (``torch.multinomial``, which checks its input on the host: a device sync per
     call) or ``"race"``: the exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d., the same distribution
-    without any host sync (a different random stream, so other draws for the same seed).
+    without any host sync (a different random stream, so other draws for the same seed). ``noise`` [N,V] gives the
+    race its ``E`` drawn beforehand (``generator`` is then unused).
     """
     if method not in ("multinomial", "race"):
         raise ValueError(f"method must be 'multinomial' or 'race', got {method!r}")
@@ -94,8 +100,21 @@ def sample_logits(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     if method == "race":
-        return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1)
+        if noise is None:
+            noise = torch.empty_like(probs).exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_compile(compile: bool | str) -> None:
+    """Raise ``ValueError`` unless ``compile`` is a bool or the name of a ``torch.compile`` backend."""
+    if isinstance(compile, bool):
+        return
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(compile, str) or compile not in backends:
+        raise ValueError(
+            f"compile must be True, False or a torch.compile backend name {backends}, got {compile!r}"
+        )
 
 
 def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -107,6 +126,198 @@ def _make_generator(seed: int | None, device: torch.device) -> torch.Generator |
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids [R,T] that skip left padding (0 at the first real token)."""
     return (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+
+class StaticImageLoop:
+    """The sync-free image loop over preallocated state, for one batch shape and one set of sampling settings.
+
+    It holds the LLM's ``transformers.StaticCache`` sized to prompt + positions, the causal merger's
+    :class:`~unitok.mllm.projector.StaticMergerCache`, the next cache slot as a 0-d tensor on the device, and the
+    depth head and projector in the LLM's dtype (the model's own modules when they already are, else copies whose
+    weights are refreshed at every run). :meth:`step` is one whole position: the depth head's K sub-steps with
+    guidance and exponential-race sampling (its ``E`` drawn beforehand, so no generator inside), the new position's
+    embedding, and the LLM's one-token step. No shape changes from one position to the next and nothing is read
+    back to the host, so ``compile=True`` hands :meth:`step` to ``torch.compile`` whole (mode "reduce-overhead",
+    i.e. CUDA graphs, on CUDA). A loop is reused by later runs of the same shape, so it compiles once.
+    """
+
+    def __init__(
+        self,
+        model: UniTokMLLM,
+        batch: int,
+        rows: int,
+        prompt_len: int,
+        total: int,
+        settings: dict[str, Any],
+        compile: bool | str,
+    ) -> None:
+        from transformers import StaticCache
+
+        from unitok.mllm.model import _embedding
+        from unitok.mllm.projector import StaticMergerCache
+
+        self.batch, self.rows, self.prompt_len, self.total = batch, rows, prompt_len, total
+        self.guided = rows != batch
+        self.cfg_scale = settings["cfg_scale"]
+        self.temperature = settings["temperature"]
+        self.sampling = (settings["temperature"], settings["top_k"], settings["top_p"])
+        self.depth_cache = settings["depth_cache"]
+        self.reference_merger_cache = settings["reference_merger_cache"]
+        device = model.device
+        self.dtype = _embedding(model.llm).weight.dtype
+        self.depth_head = _in_dtype(model.depth_head, self.dtype)
+        self.projector = _in_dtype(model.projector, self.dtype)
+        self.cache = StaticCache(config=model.llm.config, max_cache_len=prompt_len + total)
+        self.merger_cache = None
+        if model.config.projector == "causal_attn" and not self.reference_merger_cache:
+            attn = model.projector.attn_projection.attn
+            width = model.config.projector_attn_width
+            self.merger_cache = StaticMergerCache(
+                rows, attn.num_heads, total, width // attn.num_heads, self.dtype, device
+            )
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(self.slot)
+        self.slots = torch.arange(prompt_len + total, device=device)
+        self.step = self._step
+        backend = "inductor" if compile is True else compile
+        if backend:
+            mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            self.step = torch.compile(self._step, backend=backend, mode=mode, dynamic=False)
+        self.cuda_graphs = backend == "inductor" and device.type == "cuda"
+
+    def _refresh(self, model: UniTokMLLM) -> None:
+        """Bring the copies in the LLM's dtype up to date with the model's weights (in place: same addresses)."""
+        for own, theirs in ((self.depth_head, model.depth_head), (self.projector, model.projector)):
+            if own is not theirs:
+                for mine, source in zip(own.state_dict().values(), theirs.state_dict().values()):
+                    mine.copy_(source)
+
+    def _pick(self, k: int, logits_RV: torch.Tensor, noise_NKV: torch.Tensor | None) -> torch.Tensor:
+        """Guidance + sampling of sub-code ``k`` for every row (a guided code goes to both of its rows)."""
+        if self.guided:
+            cond, uncond = logits_RV[: self.batch].float(), logits_RV[self.batch :].float()
+            logits_RV = uncond + self.cfg_scale * (cond - uncond)
+        noise = None if noise_NKV is None else noise_NKV[:, k]
+        code = sample_logits(logits_RV, *self.sampling, method="race", noise=noise)
+        return torch.cat([code, code]) if self.guided else code
+
+    def _embed(self, model: UniTokMLLM, codes_RK: torch.Tensor) -> torch.Tensor:
+        """The LLM input embedding [R,1,H] of the position just sampled."""
+        from unitok.mllm.model import _unchecked_vectors
+
+        quantizer = model._quantizer()
+        vecs = _unchecked_vectors(quantizer, codes_RK[:, None])
+        if vecs is None:
+            vecs = quantizer.codes_to_vectors(codes_RK[:, None])
+        if self.merger_cache is not None:
+            return self.projector.project_step(vecs, self.merger_cache)
+        if model.config.projector == "causal_attn":
+            return self.projector.project(vecs)
+        return self.projector(vecs.to(self.dtype))
+
+    def _step(
+        self, model: UniTokMLLM, hidden_RH: torch.Tensor, noise_NKV: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One position: its codes [R,K] from the LLM state ``hidden_RH`` [R,H], and the LLM state after it.
+
+        ``noise_NKV``: the race's ``E ~ Exp(1)`` for the N sampled rows (B prompts), None when greedy.
+        """
+        codes_RK = self.depth_head.sample(
+            hidden_RH, lambda k, logits: self._pick(k, logits, noise_NKV), use_cache=self.depth_cache
+        )
+        embeds = self._embed(model, codes_RK).to(self.dtype)
+        slot = self.slot
+        # The new token sees the prompt's real tokens and every position up to its own slot.
+        mask = self.visible & (self.slots <= slot)
+        positions = self.first_position + (slot - self.prompt_len)
+        slot.add_(1)
+        hidden = model.decode_hidden(embeds, mask, positions, self.cache, sync_free=True)[:, -1]
+        return codes_RK, hidden
+
+    def run(
+        self,
+        model: UniTokMLLM,
+        prompt_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> torch.Tensor:
+        """Prefill the prompts (eager) and generate every position: codes [B,L,K]."""
+        self._refresh(model)
+        self.cache.reset()
+        if self.merger_cache is not None:
+            self.merger_cache.reset()
+        rows, device = self.rows, prompt_embeds.device
+        ones = attention_mask.new_ones(rows, self.total)
+        self.visible = torch.cat([attention_mask, ones], dim=1).bool()
+        positions = _positions(attention_mask)
+        self.first_position = positions[:, -1:] + 1
+        prefill_mask = torch.cat([attention_mask, torch.zeros_like(ones)], dim=1)
+        # Contiguous like the step's own output: a compiled step would otherwise be built twice (strides differ).
+        hidden_RTH = model.decode_hidden(prompt_embeds, prefill_mask, positions, self.cache)
+        hidden_RH = hidden_RTH[:, -1].contiguous()
+        self.slot.fill_(self.prompt_len)
+        noise_shape = (self.batch, model.num_codebooks, model.codebook_size)
+        out = []
+        for i in range(self.total):
+            noise = None
+            if self.temperature > 0:
+                noise = torch.empty(noise_shape, device=device).exponential_(generator=generator)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            codes_RK, hidden_RH = self.step(model, hidden_RH, noise)
+            # A CUDA graph's outputs are overwritten by its next replay.
+            out.append(codes_RK[: self.batch].clone())
+            hidden_RH = hidden_RH.clone()
+            if progress is not None:
+                progress(i + 1, self.total)
+        return torch.stack(out, dim=1)
+
+
+def _in_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module`` when its floating-point weights are ``dtype``, else a copy cast to it."""
+    if all(p.dtype == dtype for p in module.parameters() if p.is_floating_point()):
+        return module
+    return copy.deepcopy(module).to(dtype)
+
+
+_LOOPS: weakref.WeakKeyDictionary[Any, dict[tuple, StaticImageLoop]] = weakref.WeakKeyDictionary()
+_LOOPS_PER_MODEL = 2
+
+
+def static_image_loop(
+    model: UniTokMLLM,
+    batch: int,
+    rows: int,
+    prompt_len: int,
+    total: int,
+    settings: dict[str, Any],
+    compile: bool | str,
+) -> StaticImageLoop:
+    """The model's :class:`StaticImageLoop` for this shape and these settings (built, or reused: the most recent
+    two per model are kept, so that a compiled step and its caches serve repeated calls)."""
+    from unitok.mllm.model import _embedding
+
+    key = (
+        batch,
+        rows,
+        prompt_len,
+        total,
+        compile,
+        str(model.device),
+        _embedding(model.llm).weight.dtype,
+        model.projector_dtype,
+        next(model.depth_head.parameters()).dtype,
+        *sorted(settings.items()),
+    )
+    loops = _LOOPS.setdefault(model, {})
+    loop = loops.pop(key, None)
+    if loop is None:
+        loop = StaticImageLoop(model, batch, rows, prompt_len, total, settings, compile)
+        while len(loops) >= _LOOPS_PER_MODEL:
+            loops.pop(next(iter(loops)))
+    loops[key] = loop
+    return loop
 
 
 @torch.no_grad()
@@ -125,6 +336,7 @@ def generate_image_codes(
     progress: Callable[[int, int], None] | None = None,
     reference_merger_cache: bool = False,
     fast: bool = False,
+    compile: bool | str = False,
 ) -> torch.Tensor:
     """Sample the code grids of ``prompts`` (see the module docstring).
 
@@ -144,7 +356,14 @@ def generate_image_codes(
             different context than in training. Off by default.
         fast: a loop without host syncs: exponential-race sampling (same distribution as ``multinomial``, other
             draws for the same seed; greedy gives the same codes) and code lookups without the range checks
-            (the sampled codes are in range by construction). The default eager path is the reference.
+            (the sampled codes are in range by construction); with ``use_cache`` it runs a
+            :class:`StaticImageLoop` (the LLM's KV cache preallocated for prompt + positions, the exponential
+            noise of a position drawn in one call, depth head and projector in the LLM's dtype). The default eager
+            path is the reference.
+        compile: the fast loop with its whole position step compiled by ``torch.compile``: True is inductor (mode
+            "reduce-overhead", i.e. CUDA graphs, on CUDA), a string names another ``torch.compile`` backend (e.g.
+            "aot_eager", quick to build, for checks). Implies ``fast``, needs ``use_cache``. The first call of a
+            shape and setting compiles; later ones reuse it.
 
     Returns:
         codes LongTensor [B,h,w,K] on the model's device.
@@ -157,6 +376,10 @@ def generate_image_codes(
         raise ValueError(f"expected a code grid of at least 1x1, got {grid}")
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable (done, total) -> None, got {type(progress).__name__}")
+    check_compile(compile)
+    if compile and not use_cache:
+        raise ValueError("compile compiles the cached position step; it needs use_cache=True")
+    fast = fast or bool(compile)
     builder, device, b = model.builder, model.device, len(prompts)
     guided = cfg_scale != 1.0 or guide_always
     seqs = [builder.generation_prompt(p) for p in prompts]
@@ -173,6 +396,19 @@ def generate_image_codes(
         )
     batch = batch.to(device)
     prompt_embeds = model.embed(batch.input_ids, batch.visual_mask, batch.codes)
+    if fast and use_cache:
+        settings = dict(
+            cfg_scale=cfg_scale,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            depth_cache=depth_cache,
+            reference_merger_cache=reference_merger_cache,
+        )
+        rows, prompt_len = batch.input_ids.shape
+        loop = static_image_loop(model, b, rows, prompt_len, total, settings, compile)
+        codes = loop.run(model, prompt_embeds, batch.attention_mask, generator, progress)
+        return rearrange(codes, "b (h w) k -> b h w k", h=h, w=w)
     mask = batch.attention_mask
     positions = _positions(mask)
     cache = model.new_cache() if use_cache else None
@@ -225,18 +461,21 @@ def generate_images(
     progress: Callable[[int, int], None] | None = None,
     reference_merger_cache: bool = False,
     fast: bool = False,
+    compile: bool | str = False,
 ) -> GeneratedImages:
     """Text -> image: sample code grids and decode them with the UniTok.
 
     ``image_size`` (pixels, a multiple of the UniTok's downsampling factor; default the UniTok's) sets the grid;
     ``seed`` makes the draws reproducible; ``progress(done, total)`` is called after each generated position.
-    See :func:`generate_image_codes` for the other arguments. Every argument is checked before any work.
+    See :func:`generate_image_codes` for the other arguments. Every argument is checked before any work. With
+    ``fast`` or ``compile`` on CUDA the UniTok decodes under bf16 autocast.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     check_sampling(temperature, top_k, top_p, cfg_scale)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
+    check_compile(compile)
     grid = model.grid(image_size)
     was_training = model.training
     model.eval()
@@ -255,11 +494,22 @@ def generate_images(
             progress=progress,
             reference_merger_cache=reference_merger_cache,
             fast=fast,
+            compile=compile,
         )
-        images = model.decode_codes(codes) if decode else None
+        images = None
+        if decode:
+            with _decode_autocast(model.device, fast or bool(compile)):
+                images = model.decode_codes(codes)
     finally:
         model.train(was_training)
     return GeneratedImages(codes=codes, images=images)
+
+
+def _decode_autocast(device: torch.device, fast: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for the UniTok decoder of the fast path on CUDA (no change elsewhere)."""
+    if fast and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _as_image_list(images: Any) -> list[Any]:

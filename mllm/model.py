@@ -725,13 +725,14 @@ class UniTokMLLM(nn.Module):
         progress: Callable[[int, int], None] | None = None,
         reference_merger_cache: bool = False,
         fast: bool = False,
+        compile: bool | str = False,
     ) -> GeneratedImages:
         """Text -> image codes [B,h,w,K] and decoded PIL images; see :func:`unitok.mllm.generation.generate_images`.
 
         ``progress(done, total)`` is called after each generated position. ``reference_merger_cache`` reproduces
         the reference code's cached generation with the causal merger (see :meth:`embed_next`). ``fast`` runs the
         loop without host syncs per position (exponential-race sampling: same distribution, other draws for a
-        seed; greedy is identical).
+        seed; greedy is identical); ``compile`` also compiles its position step with ``torch.compile``.
         """
         return generate_images(
             self,
@@ -747,6 +748,7 @@ class UniTokMLLM(nn.Module):
             progress=progress,
             reference_merger_cache=reference_merger_cache,
             fast=fast,
+            compile=compile,
         )
 
     def chat(

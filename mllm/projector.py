@@ -50,6 +50,29 @@ class MergerCache:
         return 0 if self.keys is None else self.keys.shape[2]
 
 
+class StaticMergerCache:
+    """Preallocated keys/values of the causal attention merger for up to ``length`` positions per row.
+
+    Unlike :class:`MergerCache` its tensors never change size or address, and the number of positions held is a
+    0-d tensor on the device (``filled``), so a step with it can be compiled (CUDA graphs included) and needs no
+    host sync. Keys/values are ``[rows, heads, length, head_dim]``.
+    """
+
+    def __init__(
+        self, rows: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.keys = torch.zeros(rows, heads, length, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        for tensor in (self.keys, self.values, self.filled):
+            # Fixed addresses: a compiled step mutates them in place without re-recording its CUDA graph.
+            torch._dynamo.mark_static_address(tensor)
+
+    def reset(self) -> None:
+        """Forget every position (in place: the addresses stay)."""
+        self.filled.zero_()
+
+
 class CausalAttnMerger(nn.Module):
     """The released input merger: K codes of each position -> one LLM input embedding, causal over an image.
 
@@ -108,22 +131,36 @@ class CausalAttnMerger(nn.Module):
         """Embed the next T positions of each row given ``cache`` (updated in place) -> ``[B,T,H]``."""
         return self.project_step(self.code_vectors(codes_BTK), cache)
 
-    def project_step(self, vecs_BTD: torch.Tensor, cache: MergerCache) -> torch.Tensor:
-        """:meth:`step` after the codebook lookup: code vectors ``[B,T,D]`` -> ``[B,T,H]``."""
+    def project_step(self, vecs_BTD: torch.Tensor, cache: MergerCache | StaticMergerCache) -> torch.Tensor:
+        """:meth:`step` after the codebook lookup: code vectors ``[B,T,D]`` -> ``[B,T,H]``.
+
+        A :class:`StaticMergerCache` takes one new position per call (T=1).
+        """
         proj = self.attn_projection
         attn = proj.attn
         x = vecs_BTD.to(self.dtype)
         bias = torch.cat((attn.q_bias, attn.zero_k_bias, attn.v_bias))
         qkv = F.linear(proj.norm1(x), attn.qkv.weight, bias)
         q, k, v = rearrange(qkv, "b t (three h e) -> three b h t e", three=3, h=attn.num_heads).unbind(0)
-        past = cache.length
-        if past:
-            k = torch.cat([cache.keys, k], dim=2)
-            v = torch.cat([cache.values, v], dim=2)
-        cache.keys, cache.values = k, v
         t = x.shape[1]
-        # New position i (0-based among the T new ones) sees every cached position and the new ones up to i.
-        mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if isinstance(cache, StaticMergerCache):
+            if t != 1:
+                raise ValueError(f"a step with a StaticMergerCache embeds one position, got {t}")
+            slot = cache.filled.reshape(1)
+            cache.keys.index_copy_(2, slot, k)
+            cache.values.index_copy_(2, slot, v)
+            # The unwritten slots are masked out: the same attention as over the positions held.
+            mask = (torch.arange(cache.keys.shape[2], device=x.device) <= slot)[None]
+            cache.filled.add_(1)
+            k, v = cache.keys, cache.values
+        else:
+            past = cache.length
+            if past:
+                k = torch.cat([cache.keys, k], dim=2)
+                v = torch.cat([cache.values, v], dim=2)
+            cache.keys, cache.values = k, v
+            # New position i (0-based among the T new ones) sees every cached position and the new ones up to i.
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = proj.proj(proj.norm3(x)) + attn.proj(rearrange(out, "b h t e -> b t (h e)"))
         y = y + proj.mlp(proj.norm2(y))
