@@ -84,13 +84,18 @@ def _is_power_of_ten(n: int) -> bool:
     return n == 1
 
 
-def _open_image(source: str | Path | bytes) -> Image.Image:
+def _open_image(source: str | Path | bytes, jpeg_draft: int | None = None) -> Image.Image:
     """Decode fully (so truncation shows now, not later in a transform) and convert to RGB.
 
+    ``jpeg_draft``: a JPEG is decoded at the smallest of the decoder's scales (1/2, 1/4, 1/8) that keeps both
+    sides at least this many pixels (``Image.draft``): a 2000 px photo for a 256 px crop decodes several
+    times faster. The pixels differ slightly from a full decode followed by the resize.
     Any exception means "unreadable": decoders raise many kinds (OSError, SyntaxError, ValueError,
     Pillow's DecompressionBombError, struct.error, ...), and readers skip the file whichever it is.
     """
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        if jpeg_draft is not None and image.format == "JPEG":
+            image.draft("RGB", (jpeg_draft, jpeg_draft))
         image.load()
         return to_rgb(image)
 
@@ -110,6 +115,7 @@ class ImageTextFolder(Dataset):
     unreadable images are replaced by the next readable index, or with ``replace_bad=False`` (for
     evaluation: no image counted twice) returned as ``None``. See ``.skipped``. Relative image paths
     are resolved against ``root``; absolute paths and paths leading out of ``root`` are allowed.
+    ``jpeg_draft``: decode JPEGs at a reduced scale that keeps both sides at least this many pixels.
     """
 
     def __init__(
@@ -121,10 +127,12 @@ class ImageTextFolder(Dataset):
         image_key: str = "image",
         caption_key: str = "caption",
         replace_bad: bool = True,
+        jpeg_draft: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
         self.replace_bad = replace_bad
+        self.jpeg_draft = jpeg_draft
         self.transform = transform or to_pm1
         self.tokenizer = tokenizer
         path = self.root / "captions" / f"{split}.jsonl"
@@ -150,7 +158,7 @@ class ImageTextFolder(Dataset):
         for offset in range(len(self.samples)):
             path, text = self.samples[(index + offset) % len(self.samples)]
             try:
-                image = _open_image(path)
+                image = _open_image(path, self.jpeg_draft)
             except Exception as err:
                 self.skipped.skip("bad_image", f"{path}: {type(err).__name__}: {err}")
                 if not self.replace_bad:
@@ -251,7 +259,8 @@ class ImageTextWebDataset(IterableDataset):
 
     Yields ``(img, caption)`` like ``ImageTextFolder``, plus the sample's parsed ``.json`` when
     ``return_json``. A truncated shard, a sample without image or caption, an undecodable image or
-    (with ``return_json``) a bad JSON member is skipped and counted in ``.skipped``.
+    (with ``return_json``) a bad JSON member is skipped and counted in ``.skipped``. ``jpeg_draft`` as in
+    ``ImageTextFolder``.
     """
 
     def __init__(
@@ -268,9 +277,11 @@ class ImageTextWebDataset(IterableDataset):
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        jpeg_draft: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = expand_urls(urls)
+        self.jpeg_draft = jpeg_draft
         if not self.shards:
             raise ValueError(
                 f"no tar shards found for {urls!r}; expected a brace pattern, glob, folder or list of .tar files"
@@ -337,7 +348,7 @@ class ImageTextWebDataset(IterableDataset):
             self.skipped.skip("missing_caption", f"{shard}: {key}")
             return None
         try:
-            image = _open_image(image_bytes)
+            image = _open_image(image_bytes, self.jpeg_draft)
         except Exception as err:
             self.skipped.skip("bad_image", f"{shard}: {key}: {type(err).__name__}: {err}")
             return None

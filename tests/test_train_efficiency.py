@@ -357,3 +357,89 @@ def test_feature_statistics_stay_on_the_device_of_the_features():
     stats.update(torch.empty(3, 8, device="meta", dtype=torch.bfloat16))
     assert stats._mean.device.type == "meta" and stats._m2.device.type == "meta"
     assert stats._m2.dtype == torch.float64 and stats.count == 8
+
+
+def test_a_config_saved_before_the_new_options_existed_resumes_without_changes():
+    from unitok.tokenizer.training.config import config_changes, load_run_config
+
+    new = load_run_config("unitok-tiny-synth").to_dict()
+    saved = copy.deepcopy(new)
+    for section, key in (("train", "fused_adamw"), ("train", "compile"), ("loss", "lpips_precision")):
+        del saved[section][key]
+    assert config_changes(saved, new) == ([], [])
+    new["train"]["fused_adamw"], new["train"]["compile"] = True, True
+    relevant, free = config_changes(saved, new)
+    assert relevant == ["train.fused_adamw: None -> True"] and free == ["train.compile: False -> True"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: JPEG draft decoding, shared-memory warning
+
+
+def _jpeg_bytes(size: tuple[int, int]) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_draft_decodes_at_a_reduced_scale_that_keeps_the_requested_size():
+    from unitok.data.datasets import _open_image
+
+    data = _jpeg_bytes((640, 400))
+    assert _open_image(data).size == (640, 400)
+    assert _open_image(data, jpeg_draft=96).size == (160, 100)  # 1/4: both sides still >= 96
+    assert _open_image(data, jpeg_draft=200).size == (320, 200)  # 1/2
+    assert _open_image(data, jpeg_draft=401).size == (640, 400)  # no smaller scale is large enough
+
+
+def test_jpeg_draft_reaches_the_training_reader(world, tmp_path, monkeypatch):
+    import unitok.data.datasets as datasets
+    from unitok.tokenizer.training.config import load_run_config
+    from unitok.tokenizer.training.data import DataPosition, build_stream
+
+    drafts = []
+    original = datasets._open_image
+    monkeypatch.setattr(
+        datasets, "_open_image", lambda source, draft=None: drafts.append(draft) or original(source, draft)
+    )
+    for flag in (False, True):
+        config = load_run_config(
+            "unitok-tiny-synth",
+            _run_overrides(tmp_path, world, "train.total_steps=2", f"data.jpeg_draft={str(flag).lower()}"),
+        )
+        stream = build_stream(
+            config.data,
+            image_size=32,
+            context_length=8,
+            local_batch_size=4,
+            grad_accum=1,
+            seed=0,
+            info=CPU,
+            position=DataPosition(0, 0),
+            resumed=False,
+        )
+        images, _ = stream.next()
+        assert images.shape == (4, 3, 32, 32)
+    assert set(drafts[:4]) == {None} and set(drafts[-4:]) == {64}
+
+
+def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from unitok.tokenizer.training.data import check_shared_memory
+
+    needed = 8 * 4 * 64 * 3 * 256 * 256
+    assert check_shared_memory(0, 64, 256, shm=str(tmp_path)) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 0, 2**26))
+    assert check_shared_memory(8, 64, 256, shm=str(tmp_path)) == needed
+    assert "64 MiB free" in caplog.text and "data.num_workers" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, 2 * needed))
+    check_shared_memory(8, 64, 256, shm=str(tmp_path))
+    assert not caplog.text

@@ -27,6 +27,8 @@ on the training device (``BatchStream.next``), bit for bit; any other batch trav
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,6 +148,38 @@ class _SeededShards(IterableDataset):
             count += 1
             skipped, before = self.shards.skipped.total - before, self.shards.skipped.total
             yield img, caption, skipped
+
+
+# Batches each DataLoader worker prepares ahead (they wait in shared memory, /dev/shm on Linux).
+PREFETCH_BATCHES = 4
+# Draft-decoded JPEGs keep both sides at least this many times the training size.
+JPEG_DRAFT_FACTOR = 2
+
+
+def check_shared_memory(
+    num_workers: int, local_batch_size: int, image_size: int, shm: str = "/dev/shm"
+) -> int | None:
+    """Warn when ``shm`` has less free space than twice the DataLoader's prefetched batches (uint8 pixels):
+    workers that cannot place a batch there die with a bus error. Returns the bytes needed (None without
+    workers or without ``shm``)."""
+    if num_workers == 0 or not os.path.isdir(shm):
+        return None
+    needed = num_workers * PREFETCH_BATCHES * local_batch_size * 3 * image_size**2
+    free = shutil.disk_usage(shm).free
+    if free < 2 * needed:
+        log.warning(
+            "%s has %.0f MiB free; %d DataLoader workers x %d prefetched batches of %d images at %d px hold "
+            "about %.0f MiB there. Workers may die with a bus error: enlarge it (docker run --shm-size) or "
+            "lower data.num_workers",
+            shm,
+            free / 2**20,
+            num_workers,
+            PREFETCH_BATCHES,
+            local_batch_size,
+            image_size,
+            needed / 2**20,
+        )
+    return needed
 
 
 def _pm1_table() -> torch.Tensor:
@@ -316,7 +350,7 @@ class BatchStream:
             pin_memory=self.info.device.type == "cuda",
             generator=torch.Generator().manual_seed(loader_seed),
             persistent_workers=False,
-            prefetch_factor=4 if workers else None,
+            prefetch_factor=PREFETCH_BATCHES if workers else None,
         )
 
     def _open(self, fast_forward: bool) -> Iterator:
@@ -408,8 +442,10 @@ def build_stream(
 ) -> BatchStream:
     """Open the reader that ``section`` names and wrap it in a ``BatchStream`` at ``position``."""
     transform = train_transform(image_size, scale=section.crop_scale, interpolation=section.interpolation)
+    draft = JPEG_DRAFT_FACTOR * image_size if section.jpeg_draft else None
+    check_shared_memory(section.num_workers, local_batch_size, image_size)
     if section.format == "folder":
-        dataset = ImageTextFolder(section.path, split=section.split, transform=transform)
+        dataset = ImageTextFolder(section.path, split=section.split, transform=transform, jpeg_draft=draft)
         size = len(dataset)
     else:
         shards = expand_urls(shard_source(section))
@@ -425,6 +461,7 @@ def build_stream(
             seed=seed,
             rank=info.rank,
             world_size=info.world_size,
+            jpeg_draft=draft,
         )
         size = section.samples_per_epoch or count_shard_samples(shards)
     if size == 0:
