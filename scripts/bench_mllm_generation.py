@@ -1,13 +1,18 @@
-"""Benchmark MLLM image generation: LLM KV cache vs recomputing the whole prefix at every position.
+"""Benchmark MLLM image generation: the eager loop, the sync-free static-cache loop and its compiled step.
 
-    python -m unitok.scripts.bench_mllm_generation [--batch 4 16] [--image-size 256] [--threads 1]
+    python -m unitok.scripts.bench_mllm_generation [--batch 4 16] [--image-size 256] [--threads 1] \
+        [--compile inductor] [--skip-uncached]
 
 Times code generation only (no UniTok decoding) of the random-init ``tiny`` preset on ``unitok-tiny`` codes at
-``--image-size`` pixels (256 px -> a 16x16 grid = 256 positions, K=8 sub-codes each), in one run, for:
-the sync-free loop (``fast=True``), LLM cache + depth-head cache (the default), LLM cache + depth-head
-recompute, and full recompute (the reference path). Also counts ATen ops and host reads (device syncs on a GPU)
-per generated position of the eager and the sync-free loop. Also prints the parameter counts of the projector and depth head of the ``llama2-7b`` preset,
-built on the meta device (no weights needed), next to the reference UniTok-MLLM head. Prints markdown tables.
+``--image-size`` pixels (256 px -> a 16x16 grid = 256 positions, K=8 sub-codes each), sampled (top-k 50, top-p 0.9,
+CFG 3, seeded), in one run, for: the eager loop (LLM ``DynamicCache`` + depth-head KV cache, the default), the same
+with the depth head recomputed, full recompute (the reference path), the sync-free loop over a static KV cache
+(``fast=True``) and, with ``--compile BACKEND``, that loop with its position step compiled
+(``compile=BACKEND``; the compile is a warm-up run, not timed). For each mode it also counts ATen ops and host
+reads (``aten::_local_scalar_dense``: a device sync on a GPU) per generated position with ``torch.profiler``, at
+the first batch size.
+Also prints the parameter counts of the projector and depth head of the ``llama2-7b`` preset, built on the meta
+device (no weights needed), next to the reference UniTok-MLLM head. Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -76,13 +81,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(
-    model, prompts, grid, use_cache: bool, depth_cache: bool, repeats: int, fast: bool = False
-) -> tuple[float, float, int]:
-    """Best wall time (s) and process CPU time (s) over ``repeats`` runs of greedy code generation with CFG,
-    and peak CUDA bytes (0 on CPU)."""
+SAMPLING = dict(cfg_scale=3.0, top_k=50, top_p=0.9)
+
+
+def _generate(model, prompts, grid, mode: dict, progress=None) -> torch.Tensor:
     from unitok.mllm.generation import generate_image_codes
 
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    return generate_image_codes(
+        model, prompts, grid, generator=generator, progress=progress, **SAMPLING, **mode
+    )
+
+
+def time_generation(model, prompts, grid, mode: dict, repeats: int) -> tuple[float, float, int]:
+    """Best wall time (s) and process CPU time (s) over ``repeats`` runs of sampled code generation with CFG,
+    and peak CUDA bytes (0 on CPU)."""
     device = model.device
     best, best_cpu, peak = float("inf"), float("inf"), 0
     for _ in range(repeats):
@@ -90,16 +103,7 @@ def time_generation(
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        generate_image_codes(
-            model,
-            prompts,
-            grid,
-            cfg_scale=3.0,
-            temperature=0.0,
-            use_cache=use_cache,
-            depth_cache=depth_cache,
-            fast=fast,
-        )
+        _generate(model, prompts, grid, mode)
         _sync(device)
         best = min(best, time.perf_counter() - start)
         best_cpu = min(best_cpu, time.process_time() - start_cpu)
@@ -108,39 +112,29 @@ def time_generation(
     return best, best_cpu, peak
 
 
-def ops_per_position(model, prompts, fast: bool) -> tuple[float, float]:
-    """(ATen ops, host reads) per generated position, sampled (top-k 50, top-p 0.9, CFG 3): the difference
-    between a 4x4 and a 2x2 grid divided by the 12 extra positions (the prompt's share cancels)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def ops_per_position(model, prompts, grid, mode: dict) -> tuple[float, float]:
+    """(ATen ops, host reads) per generated position, from ``torch.profiler``: the ``aten::`` calls recorded
+    between the first and the last position's progress call (nested calls included), divided by the positions in
+    between (the prompt's share is left out). Host reads are ``aten::_local_scalar_dense`` calls (what ``.item()``
+    / ``int(tensor)`` / multinomial's checks run: a device sync on a GPU). A compiled step's fused kernels are not
+    ATen calls; what it leaves to ATen (matmuls, for instance) is counted.
+    """
+    from torch.profiler import ProfilerActivity, profile
 
-    from unitok.mllm.generation import generate_image_codes
+    total = grid[0] * grid[1]
+    prof = profile(activities=[ProfilerActivity.CPU])
 
-    class Count(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops = self.reads = 0
+    def progress(done: int, _: int) -> None:
+        if done == 1:
+            prof.start()
+        elif done == total:
+            prof.stop()
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += 1
-            # What .item() / int(tensor) / multinomial's checks run: a device -> host sync on a GPU.
-            self.reads += func is torch.ops.aten._local_scalar_dense.default
-            return func(*args, **(kwargs or {}))
-
-    counts = []
-    for grid in ((2, 2), (4, 4)):
-        with Count() as counter:
-            generate_image_codes(
-                model,
-                prompts,
-                grid,
-                cfg_scale=3.0,
-                top_k=50,
-                top_p=0.9,
-                fast=fast,
-                generator=torch.Generator(),
-            )
-        counts.append((counter.ops, counter.reads))
-    return (counts[1][0] - counts[0][0]) / 12, (counts[1][1] - counts[0][1]) / 12
+    _generate(model, prompts, grid, mode, progress)
+    names = [event.name for event in prof.events()]
+    ops = sum(name.startswith("aten::") for name in names)
+    reads = names.count("aten::_local_scalar_dense")
+    return ops / (total - 1), reads / (total - 1)
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -157,11 +151,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-uncached", action="store_true", help="skip the slow full-recompute baseline")
+    parser.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="also time the fast loop with its position step compiled by this torch.compile backend "
+        "(inductor: the real thing, minutes to compile on a CPU; aot_eager: traced only)",
+    )
     args = parser.parse_args(argv)
 
     from unitok.mllm import MLLMConfig, UniTokMLLM, build_tiny_tokenizer
+    from unitok.mllm.generation import check_compile
     from unitok.tokenizer import TokenizerConfig, UniTok
 
+    if args.compile is not None:
+        try:
+            check_compile(args.compile)
+        except ValueError as err:
+            parser.error(str(err))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     text_tokenizer = build_tiny_tokenizer(["USER: ASSISTANT: a red blue circle square on the left right"])
@@ -171,45 +177,57 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     grid = model.grid(args.image_size)
     positions = grid[0] * grid[1]
     captions = ["a red circle on the left", "a blue square on the right", "a red square", "a blue circle"]
-    time_generation(model, captions, (2, 2), True, True, 1)  # warm-up
+    _generate(model, captions, (2, 2), {})  # warm-up
 
-    modes = [
-        ("LLM KV cache + depth-head KV cache, sync-free loop (fast=True)", True, True, True),
-        ("LLM KV cache + depth-head KV cache", True, True, False),
-        ("LLM KV cache + depth-head recompute", True, False, False),
-    ]
+    modes = [("eager: LLM DynamicCache + depth-head KV cache (default)", {})]
+    modes.append(("eager: LLM DynamicCache + depth-head recompute", {"depth_cache": False}))
     if not args.skip_uncached:
-        modes.append(("recompute whole prefix (reference)", False, False, False))
+        modes.append(
+            ("eager: recompute whole prefix (reference)", {"use_cache": False, "depth_cache": False})
+        )
+    modes.append(("sync-free loop, static KV cache (`fast=True`)", {"fast": True}))
+    if args.compile is not None:
+        modes.append(
+            (
+                f"sync-free loop, static KV cache, compiled step (`compile={args.compile!r}`)",
+                {"compile": args.compile},
+            )
+        )
     print(
         f"\nImage generation, tiny preset (Llama hidden 64, 2 layers; depth head 2 x width 64), random init, "
         f"unitok-tiny codes at {args.image_size} px = {grid[0]}x{grid[1]} = {positions} positions x "
-        f"K={model.num_codebooks}; CFG 3.0 (2 LLM rows per prompt), greedy, codes only (no decoding); "
-        f"device {args.device}, {args.threads} thread(s). Times: best of {args.repeats}; CPU = process time.\n"
+        f"K={model.num_codebooks}; CFG 3.0 (2 LLM rows per prompt), top-k 50, top-p 0.9, codes only (no decoding); "
+        f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}. Times: best of {args.repeats}; "
+        "CPU = process time; compiling is a warm-up run before the timed ones.\n"
     )
     print(
-        "| batch | mode | wall s | CPU s | positions/s | images/s | speed-up (wall) | speed-up (CPU) | peak CUDA MiB |"
+        "| batch | mode | wall s | CPU s | positions/s | speed-up (wall) | speed-up (CPU) | compile s | peak CUDA MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    counts = []
     for batch in args.batch:
         prompts = [captions[i % len(captions)] for i in range(batch)]
-        rows = [
-            (name, *time_generation(model, prompts, grid, uc, dc, args.repeats, fast))
-            for name, uc, dc, fast in modes
-        ]
-        base = rows[-1] if not args.skip_uncached else rows[1]  # today's default loop without the baseline
-        base_wall, base_cpu = base[1], base[2]
-        for name, wall, cpu, peak in rows:
+        rows = []
+        for name, mode in modes:
+            compile_s = None
+            if "compile" in mode:
+                start = time.perf_counter()
+                _generate(model, prompts, grid, mode)
+                compile_s = time.perf_counter() - start
+            rows.append((name, compile_s, *time_generation(model, prompts, grid, mode, args.repeats)))
+            if batch == args.batch[0]:
+                counts.append((name, *ops_per_position(model, prompts, grid, mode)))
+        base_wall, base_cpu = rows[0][2], rows[0][3]
+        for name, compile_s, wall, cpu, peak in rows:
             peak_text = f"{peak / 2**20:.1f}" if peak else "n/a (CPU)"
+            compile_text = "" if compile_s is None else f"{compile_s:.0f}"
             print(
-                f"| {batch} | {name} | {wall:.2f} | {cpu:.2f} | {batch * positions / wall:.1f} | {batch / wall:.3f} "
-                f"| {base_wall / wall:.1f}x | {base_cpu / cpu:.1f}x | {peak_text} |"
+                f"| {batch} | {name} | {wall:.2f} | {cpu:.2f} | {batch * positions / wall:.1f} "
+                f"| {base_wall / wall:.2f}x | {base_cpu / cpu:.2f}x | {compile_text} | {peak_text} |"
             )
-    print(
-        "\n| loop (batch 4, sampled: top-k 50, top-p 0.9, CFG 3) | ATen ops / position | host reads / position |"
-    )
+    print(f"\n| mode (batch {args.batch[0]}) | ATen ops / position | host reads / position |")
     print("|---|---|---|")
-    for name, fast in (("eager (default)", False), ("sync-free (fast=True)", True)):
-        ops, reads = ops_per_position(model, captions, fast)
+    for name, ops, reads in counts:
         print(f"| {name} | {ops:.0f} | {reads:.1f} |")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nPeak resident memory of the whole process (all modes): {rss:.0f} MiB\n")
