@@ -36,6 +36,8 @@ from unitok.mllm.config import MLLMConfig
 from unitok.mllm.text_tokenizer import SpecialTokenIds
 
 IGNORE_INDEX = -100
+# Distinct strings whose token ids a SequenceBuilder keeps (cleared when full).
+_TOKEN_CACHE_SIZE = 1 << 16
 
 
 @dataclass
@@ -114,39 +116,44 @@ class MLLMBatch:
 
 
 class _Pieces:
-    """Accumulates the parts of one sequence."""
+    """Accumulates the parts of one sequence as Python lists; ``build`` makes the tensors once."""
 
     def __init__(self, num_codebooks: int) -> None:
         self.num_codebooks = num_codebooks
-        self.ids: list[torch.Tensor] = []
-        self.labels: list[torch.Tensor] = []
-        self.visual: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
-        self.codes: list[torch.Tensor] = []
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        # Visual runs: (start, codes [n,K], supervised); every other position is text (no codes).
+        self.runs: list[tuple[int, torch.Tensor, bool]] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
     def text(self, ids: list[int], supervised: bool) -> None:
-        t = torch.tensor(ids, dtype=torch.long)
-        self.ids.append(t)
-        self.labels.append(t.clone() if supervised else torch.full_like(t, IGNORE_INDEX))
-        self.visual.append(torch.zeros(len(ids), dtype=torch.bool))
-        self.targets.append(torch.zeros(len(ids), dtype=torch.bool))
-        self.codes.append(torch.zeros(len(ids), self.num_codebooks, dtype=torch.long))
+        self.ids.extend(ids)
+        self.labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
 
     def visual_positions(self, filler_id: int, codes_LK: torch.Tensor, supervised: bool) -> None:
         n = codes_LK.shape[0]
-        self.ids.append(torch.full((n,), filler_id, dtype=torch.long))
-        self.labels.append(torch.full((n,), IGNORE_INDEX, dtype=torch.long))
-        self.visual.append(torch.ones(n, dtype=torch.bool))
-        self.targets.append(torch.full((n,), supervised, dtype=torch.bool))
-        self.codes.append(codes_LK.to(torch.long).cpu())
+        self.runs.append((len(self.ids), codes_LK, supervised))
+        self.ids.extend([filler_id] * n)
+        self.labels.extend([IGNORE_INDEX] * n)
 
     def build(self) -> TokenSequence:
+        length = len(self.ids)
+        visual = torch.zeros(length, dtype=torch.bool)
+        targets = torch.zeros(length, dtype=torch.bool)
+        codes = torch.zeros(length, self.num_codebooks, dtype=torch.long)
+        for start, codes_LK, supervised in self.runs:
+            end = start + codes_LK.shape[0]
+            visual[start:end] = True
+            targets[start:end] = supervised
+            codes[start:end] = codes_LK.to(torch.long).cpu()
         return TokenSequence(
-            input_ids=torch.cat(self.ids),
-            labels=torch.cat(self.labels),
-            visual_mask=torch.cat(self.visual),
-            code_mask=torch.cat(self.targets),
-            codes=torch.cat(self.codes),
+            input_ids=torch.tensor(self.ids, dtype=torch.long),
+            labels=torch.tensor(self.labels, dtype=torch.long),
+            visual_mask=visual,
+            code_mask=targets,
+            codes=codes,
         )
 
 
@@ -174,6 +181,7 @@ class SequenceBuilder:
         self.ids = ids
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
+        self._token_cache: dict[str, tuple[int, ...]] = {}
 
     def check_codes(self, codes: torch.Tensor, batched: bool = False) -> None:
         """Raise ``ValueError`` unless ``codes`` is an integer tensor [h,w,K] (or [B,h,w,K]) with values in [0,V)."""
@@ -191,7 +199,14 @@ class SequenceBuilder:
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]")
 
     def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        # Data sets repeat their prompts, questions and answers many times: each distinct string is tokenized
+        # once (the cache is bounded; ids never change for a builder, whose tokenizer is fixed).
+        ids = self._token_cache.get(text)
+        if ids is None:
+            if len(self._token_cache) >= _TOKEN_CACHE_SIZE:
+                self._token_cache.clear()
+            ids = self._token_cache[text] = tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(ids)
 
     def _start(self) -> _Pieces:
         pieces = _Pieces(self.num_codebooks)
