@@ -12,7 +12,15 @@ checking on the way that the cached generation of the first positions equals the
 ``answer.txt``, ``generated.png`` and ``report.json`` (times, peak memory) under ``--out`` and prints them.
 
 ``--tiny`` builds a random tiny model of the same architecture instead (no weights needed), to check the script
-itself on any machine.
+itself on any machine; ``--random PRESET`` (``unitok-mllm-7b`` or ``llama2-7b``) builds that preset at full size
+with random weights directly on ``--device`` (Llama-2-7B shapes, random UniTok-L, no meta tensors, no downloads).
+
+``--bench-generation`` also measures image generation (codes + bf16-autocast decoding) in seconds per image for
+the eager loop, the sync-free static-cache loop (``fast=True``) and its compiled position step (``compile=True``:
+inductor, CUDA graphs), ``--gen-batch`` prompts at a time, after a warm-up run each (the compile is timed
+separately), plus host syncs per position of each loop (``torch.cuda.set_sync_debug_mode``). On a GPU:
+
+    python -m unitok.scripts.gpu_check_mllm --random unitok-mllm-7b --bench-generation --gen-batch 1 4
 """
 
 from __future__ import annotations
@@ -53,6 +61,98 @@ def _tiny_model():
     )
 
 
+def _random_model(preset: str, device: torch.device, dtype: str):
+    """A full-size preset with random weights, allocated on ``device`` as it is built."""
+    from unitok.mllm import MLLMConfig, UniTokMLLM, build_tiny_tokenizer
+    from unitok.mllm.config import LLAMA2_7B
+    from unitok.mllm.text_tokenizer import builtin_corpus
+    from unitok.tokenizer import TokenizerConfig, UniTok
+
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer(builtin_corpus())
+    tok.add_tokens(["<0x00>", "<0x01>"], special_tokens=True)
+    config = MLLMConfig.preset(
+        preset,
+        llm={**LLAMA2_7B},
+        unitok=None,
+        unitok_preset="unitok-large",
+        text_tokenizer="builtin:tiny",
+        llm_dtype=dtype,
+    )
+    with torch.device(device):
+        unitok = UniTok(TokenizerConfig.preset("unitok-large"))
+        return UniTokMLLM.from_config(config, unitok=unitok, text_tokenizer=tok)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _syncs_per_position(model, prompts: list[str], sampling: dict, mode: dict) -> float | None:
+    """Host syncs between the first and the last generated position, per position (CUDA only)."""
+    import warnings
+
+    if model.device.type != "cuda":
+        return None
+    grid = model.grid()
+    total = grid[0] * grid[1]
+    marks: dict[int, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def progress(done: int, _: int) -> None:
+            if done == 1:
+                torch.cuda.set_sync_debug_mode("warn")
+                marks[1] = len(caught)
+            elif done == total:
+                torch.cuda.set_sync_debug_mode("default")
+                marks[total] = len(caught)
+
+        try:
+            model.generate_images(prompts, seed=0, decode=False, progress=progress, **sampling, **mode)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return (marks[total] - marks[1]) / (total - 1)
+
+
+def bench_generation(
+    model, prompt: str, batches: list[int], sampling: dict, backend: str = "inductor"
+) -> dict:
+    """Seconds per image (codes + decoding) of the eager, fast and compiled loops; see the module docstring."""
+    device = model.device
+    modes = {"eager": {}, "fast": {"fast": True}, "compiled": {"compile": backend}}
+    report: dict = {"sampling": sampling, "positions": model.grid()[0] * model.grid()[1]}
+    for batch in batches:
+        prompts = [prompt] * batch
+        codes = {}
+        for name, mode in modes.items():
+            _sync(device)
+            start = time.perf_counter()
+            model.generate_images(prompts, seed=0, **sampling, **mode)  # warm-up (compiles)
+            _sync(device)
+            report[f"b{batch}_{name}_warmup_s"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
+            result = model.generate_images(prompts, seed=0, **sampling, **mode)
+            _sync(device)
+            seconds = time.perf_counter() - start
+            codes[name] = result.codes
+            report[f"b{batch}_{name}_s_per_image"] = round(seconds / batch, 3)
+            report[f"b{batch}_{name}_positions_per_s"] = round(batch * report["positions"] / seconds, 1)
+            report[f"b{batch}_{name}_syncs_per_position"] = _syncs_per_position(
+                model, prompts, sampling, mode
+            )
+            logger.info("batch %d %s: %.3f s/image", batch, name, seconds / batch)
+        # Same seed and noise: fast and compiled draw alike up to rounding (bf16 kernels fuse differently).
+        report[f"b{batch}_compiled_codes_equal_fast"] = float(
+            (codes["compiled"] == codes["fast"]).float().mean()
+        )
+        for name in ("fast", "compiled"):
+            speedup = report[f"b{batch}_eager_s_per_image"] / report[f"b{batch}_{name}_s_per_image"]
+            report[f"b{batch}_{name}_speedup_vs_eager"] = round(speedup, 2)
+    return report
+
+
 def _default_image():
     from PIL import Image, ImageDraw
 
@@ -70,6 +170,22 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="random tiny model of the architecture (no weights)"
     )
+    parser.add_argument(
+        "--random",
+        choices=["unitok-mllm-7b", "llama2-7b"],
+        help="this preset at full size with random weights, built on the device (no weights needed)",
+    )
+    parser.add_argument(
+        "--bench-generation", action="store_true", help="time eager vs fast vs compiled image generation"
+    )
+    parser.add_argument("--gen-batch", type=int, nargs="+", default=[1], help="prompts per generation batch")
+    parser.add_argument(
+        "--compile",
+        default="inductor",
+        metavar="BACKEND",
+        help="torch.compile backend of the compiled loop (inductor: CUDA graphs on CUDA; aot_eager to check the "
+        "script quickly on a CPU)",
+    )
     parser.add_argument("--image", help="image to ask about (default: a drawn red circle)")
     parser.add_argument("--question", default="What is the colour of the circle?")
     parser.add_argument("--prompt", default="a red apple on a wooden table")
@@ -86,8 +202,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     if args.sampling not in SAMPLING_PRESETS:
         parser.error(f"--sampling must be one of {sorted(SAMPLING_PRESETS)}")
-    if not args.tiny and not (args.mllm and args.unitok):
-        parser.error("give --mllm and --unitok (the released weights), or --tiny")
+    if not (args.tiny or args.random) and not (args.mllm and args.unitok):
+        parser.error("give --mllm and --unitok (the released weights), --tiny or --random PRESET")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(
@@ -100,6 +216,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     start = time.perf_counter()
     if args.tiny:
         model = _tiny_model()
+    elif args.random:
+        model = _random_model(args.random, device, args.dtype)
+        report["random"] = args.random
     else:
         model = UniTokMLLM.from_pretrained(args.mllm, unitok=args.unitok, llm_dtype=args.dtype)
     model = model.to(device=device, dtype=getattr(torch, args.dtype)).eval()
@@ -133,6 +252,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     result.images[0].save(out / "generated.png")
     if device.type == "cuda":
         report["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if args.bench_generation:
+        report["generation"] = bench_generation(
+            model, args.prompt, args.gen_batch, SAMPLING_PRESETS[args.sampling], args.compile
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0 if report["cached_equals_uncached_2x2"] else 1
