@@ -40,7 +40,13 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import unitok.tokenizer
@@ -48,10 +54,19 @@ import unitok.tokenizer.model
 from unitok.tokenizer import TokenizerConfig, UniTok
 from unitok.tokenizer.config import CHECKPOINT_PARTS, CHECKPOINT_PRESETS
 from unitok.tokenizer.decoder import ViTaminDecoder
+from unitok.tokenizer.losses import (
+    LPIPS,
+    DinoDiscConfig,
+    DinoDiscriminator,
+    ReconstructionLoss,
+    adaptive_gan_grads,
+    adaptive_gan_weight,
+    generator_loss,
+)
 from unitok.tokenizer.quantizer import _StackedCodebookQuantizer
 from unitok.tokenizer.text import check_text_ids
 
-SECTIONS = ("syncs", "flops", "memory")
+SECTIONS = ("syncs", "flops", "memory", "gan")
 # ATen ops after which the host waits for the device: a scalar read, or an output sized by the data.
 SYNC_OPS = frozenset(
     {
@@ -324,7 +339,7 @@ def measure_flops(preset: str) -> list[dict]:
     """GFLOP per image (batch 1) of ``preset`` at its image size, in each mode (2 FLOP per multiply-add)."""
     rows = []
     for mode, options in MODES.items():
-        config = TokenizerConfig.preset(preset, **options)
+        config = TokenizerConfig.preset(preset, upsample=options["upsample"])
         grid = config.grid_size
         with torch.device("meta"):
             decoder = ViTaminDecoder(config).eval()
@@ -496,6 +511,73 @@ def memory_configs(names: list[str]) -> list[tuple[str, dict]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the adaptive GAN weight: two passes (before) vs one pass through LPIPS and the discriminator (after)
+
+
+def _generator_loss_backward(model, recon_loss, disc, img, one_pass: bool) -> None:
+    """Forward + backward of ``nll + vq + 0.4 * w * G`` with the adaptive weight ``w``, as the trainer does
+    it today (``adaptive_gan_grads``, one pass) or did before (``adaptive_gan_weight``, then a second
+    backward through LPIPS and the discriminator with the total)."""
+    out = model(img)
+    recon = out.recon.detach().requires_grad_() if one_pass else out.recon
+    rec = recon_loss(recon, img)
+    g_loss = generator_loss(disc, recon, blur_sigma=0.0)
+    last_layer = model.decoder_last_layer()
+    if one_pass:
+        grads = adaptive_gan_grads(rec.total, g_loss, recon, out.recon, last_layer)
+        recon_grad = grads.nll_grad + 0.4 * grads.weight * grads.g_grad
+        (out.vq_loss + (out.recon * recon_grad).sum()).backward()
+    else:
+        weight = adaptive_gan_weight(rec.total, g_loss, last_layer)
+        (rec.total + out.vq_loss + 0.4 * weight * g_loss).backward()
+
+
+class _FlopTotal(TorchDispatchMode):
+    """Total FLOPs of the ATen ops run inside, by torch's FLOP formulas, without ``FlopCounterMode``'s module
+    tracking (its backward hooks on module inputs refuse ``autograd.grad`` towards a leaf input, which is
+    what the one-pass adaptive weight does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+        self._formulas = {**flop_registry, **{k: shape_wrapper(f) for k, f in _CPU_ATTENTION.items()}}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self._formulas.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def measure_gan(image_size: int = 256, repeats: int = 3) -> list[dict]:
+    """GFLOP and CPU seconds per image of the generator loss's forward + backward with the adaptive GAN weight:
+    LPIPS (VGG16) and the release's DINOv2-S discriminator at ``image_size`` (random weights: same cost), the
+    unitok-tiny tokenizer in front (so that the loss networks dominate), batch 1, float32."""
+    torch.manual_seed(0)
+    model = UniTok(TokenizerConfig.preset("unitok-tiny", image_size=image_size)).train()
+    recon_loss = ReconstructionLoss(0.2, 1.0, 1.0, lpips=LPIPS(pretrained=False))
+    disc = DinoDiscriminator(DinoDiscConfig.preset("dinov2-small", image_size=image_size)).requires_grad_(
+        False
+    )
+    img = torch.rand(1, 3, image_size, image_size) * 2 - 1
+    rows = []
+    for mode, one_pass in (("before", False), ("after", True)):
+        with _FlopTotal() as counter:
+            _generator_loss_backward(model, recon_loss, disc, img, one_pass)
+        model.zero_grad(set_to_none=True)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _generator_loss_backward(model, recon_loss, disc, img, one_pass)
+            seconds.append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+        rows.append({"mode": mode, "gflop": counter.flops / 1e9, "seconds": min(seconds)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -578,6 +660,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 f"| {row['config']} | {row['per_image_gib']:.3f} | {row['forward_gib']:.3f} | {parts} "
                 f"| {row['peak_large_gib']:.1f} | {row['seconds']:.0f} |"
             )
+        print()
+    if "gan" in args.sections:
+        rows = measure_gan()
+        print(
+            "## Generator loss with the adaptive GAN weight (LPIPS VGG16 + DINOv2-S discriminator, 256 px, "
+            "batch 1, unitok-tiny, float32 CPU)\n"
+        )
+        print("| code | GFLOP forward + backward | CPU seconds (best of 3) |\n|---|---:|---:|")
+        for row in rows:
+            print(f"| {row['mode']} | {row['gflop']:.1f} | {row['seconds']:.2f} |")
         print()
     return 0
 

@@ -457,7 +457,12 @@ class Trainer:
         self.nonfinite_total = self.nonfinite_total + nonfinite
         self._last_grad_norm = scalars["grad_norm"]
         if not self._skips_on_device():
-            self._check_nonfinite()
+            # The engines read the norms on the host already: read the counters only after a bad step.
+            engines = [self.gen, self.disc] if warm > 0 else [self.gen]
+            if any(engine.host_nonfinite for engine in engines):
+                self._check_nonfinite()
+            else:
+                self.nonfinite_in_a_row = 0
         return scalars
 
     def _skips_on_device(self) -> bool:

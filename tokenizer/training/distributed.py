@@ -144,7 +144,8 @@ class TorchEngine:
     After each ``step``, ``nonfinite`` is a 0-dim float tensor on the module's device: 1.0 when the step's
     gradient was not finite and its update was skipped, else 0.0. With a fused AdamW (and no fp16 loss
     scaling) the skip happens on the device and ``sync_free`` is True: nothing in ``step`` waits for the
-    device. Otherwise ``step`` reads the norm on the host to decide.
+    device. Otherwise ``step`` reads the norm on the host to decide, and ``host_nonfinite`` holds that
+    verdict (None with ``sync_free``).
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class TorchEngine:
         self.scaler = torch.amp.GradScaler(info.device.type, enabled=fp16)
         self.sync_free = bool(optimizer.defaults.get("fused")) and not fp16
         self.nonfinite = torch.zeros((), device=info.device)
+        self.host_nonfinite: bool | None = None
         self._params = [p for p in module.parameters() if p.requires_grad]
         if info.distributed:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
@@ -224,10 +226,12 @@ class TorchEngine:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
-        elif not bool(self.nonfinite) or self.scaler.is_enabled():
-            # fp16's grad scaler skips non-finite steps itself and lowers its scale.
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        else:
+            self.host_nonfinite = bool(self.nonfinite)
+            if not self.host_nonfinite or self.scaler.is_enabled():
+                # fp16's grad scaler skips non-finite steps itself and lowers its scale.
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm.detach()
@@ -315,6 +319,7 @@ class DeepSpeedEngine:
         self.scheduler = scheduler
         self.device = info.device
         self.nonfinite = torch.zeros((), device=info.device)
+        self.host_nonfinite: bool | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.engine(*args, **kwargs)
@@ -342,6 +347,7 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         finite = norm == norm and abs(norm) != float("inf")
+        self.host_nonfinite = not finite
         self.nonfinite = torch.tensor(0.0 if finite else 1.0, device=self.device)
         return norm
 
