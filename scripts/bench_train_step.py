@@ -1,12 +1,15 @@
 """Measure the tokenizer's training step without a GPU: host syncs, ATen ops, FLOPs, activation memory.
 
-    unitok bench train-step [--sections syncs flops memory] [--steps 2] [--memory-configs ...]
+    unitok bench train-step [--sections syncs flops memory gan] [--steps 2] [--memory-configs ...]
 
 Every section prints the code before the efficiency changes ("before": the literal nearest-x2 + 3x3 conv
 upsampler, per-sub-codebook ``bincount`` usage counts) next to today's ("after") in one run:
 
 - ``syncs``: one real ``Trainer.train_step`` (``unitok-tiny`` at 32 px on a tiny synthetic world, CPU, LPIPS
-  and the discriminator active from step 0) under a ``TorchDispatchMode`` that counts every ATen op and every
+  and the discriminator active from step 0); "before" also with AdamW's default kernel (the engines read
+  the gradient norm on the host) and the text-id check's CPU branch, "after" with what CUDA runs by default
+  (fused AdamW skipping non-finite steps on the device, the device-side text-id assertion); counted
+  under a ``TorchDispatchMode`` that counts every ATen op and every
   op that makes the host wait for the device on a GPU: ``_local_scalar_dense`` (``.item()``, ``int(t)``,
   ``bool(t)``, ``if t:``), ops whose output size depends on the data (``nonzero``, ``bincount``, ``unique``,
   ``masked_select``), and Python-side reads (``tolist``, ``numpy``). Each is listed with its line in the
@@ -21,6 +24,9 @@ upsampler, per-sub-codebook ``bincount`` usage counts) next to today's ("after")
   ``MSE(recon) + VQ + CLIP-like dot product``; LPIPS, the discriminator and the optimiser state are not
   included (they add the same in every configuration). An estimate: the CUDA caching allocator rounds
   blocks and may fragment, and cuDNN/cuBLAS workspaces are not counted.
+- ``gan``: GFLOP and CPU seconds of the generator loss's forward + backward with the adaptive GAN weight
+  (LPIPS VGG16 + the release's DINOv2-S discriminator at 256 px, random weights), computed in two passes
+  ("before": ``adaptive_gan_weight``, then ``backward`` of the total) and in one (``adaptive_gan_grads``).
 """
 
 from __future__ import annotations
