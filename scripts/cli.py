@@ -79,7 +79,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench mllm-generation": (
         "unitok.scripts.bench_mllm_generation",
-        "KV-cached image generation vs full recompute",
+        "image generation loops: eager, static KV cache, compiled position step, full recompute",
     ),
     "bench mllm-release": (
         "unitok.scripts.bench_mllm_release",
