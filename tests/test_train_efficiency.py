@@ -448,3 +448,83 @@ def test_small_shared_memory_is_warned_about(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, 2 * needed))
     check_shared_memory(8, 64, 256, shm=str(tmp_path))
     assert not caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the trainer with both changes
+
+
+def test_the_trainers_generator_step_equals_the_two_pass_objective(world, tmp_path):
+    from unitok.tokenizer.train import Trainer, _frozen
+    from unitok.tokenizer.training.config import load_run_config
+
+    gan = (
+        "disc.enabled=true",
+        "disc.preset=tiny",
+        "disc.start=0.0",
+        "disc.warmup=0.5",
+        "disc.dino_weights=null",
+    )
+    lpips = ("loss.lpips=1.0", "loss.lpips_weights=random", "loss.lpips_min_size=16")
+    config = load_run_config(
+        "unitok-tiny-synth",
+        _run_overrides(tmp_path, world, "train.total_steps=4", "train.precision=fp32", *gan, *lpips),
+    )
+    trainer = Trainer(config, CPU)
+    trainer.monitor.close()
+    trainer.step = 1
+    warm, sigma = trainer._gan_state()
+    assert 0 < warm < 1
+    img, ids = trainer.stream.next()
+    model, state = trainer.model, copy.deepcopy(trainer.model.state_dict())
+    torch.manual_seed(3)
+    scalars, _ = trainer._generator_micro_step(img, ids, warm, sigma, sync=True)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+
+    # The objective as the trainer computed it before: the weight from two autograd.grad calls, then
+    # backward of the total through LPIPS and the discriminator again.
+    torch.manual_seed(3)
+    loss = config.loss
+    out = model(img, ids)
+    rec = trainer.recon_loss(out.recon, img)
+    total = rec.total + loss.vq * out.vq_loss + out.entropy_loss
+    total = total + loss.clip * trainer.clip_loss(out.image_features, out.text_features, out.logit_scale)
+    with _frozen(trainer.disc_module):
+        g_loss = generator_loss(trainer.disc_module, out.recon, sigma, config.disc.aug_prob)
+    weight = adaptive_gan_weight(rec.total, g_loss, model.decoder_last_layer(), *config.disc.adaptive_clamp)
+    total = total + warm * config.disc.weight * weight * g_loss
+    total.backward()
+
+    torch.testing.assert_close(scalars["gan_weight"], weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(scalars["loss"], total.detach(), rtol=1e-6, atol=0)
+    assert grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_run_with_device_side_skips_resumes_identically(world, tmp_path):
+    from unitok.tokenizer.train import train
+    from unitok.tokenizer.training import checkpointing
+    from unitok.tokenizer.training.config import load_run_config
+
+    def run(out: Path, *extra: str):
+        common = (
+            "train.fused_adamw=true",
+            "train.total_steps=3",
+            "train.ema_decay=0.9",
+            "checkpoint.every_steps=1",
+        )
+        return train(load_run_config("unitok-tiny-synth", _run_overrides(out, world, *common, *extra)))
+
+    full = run(tmp_path / "full")
+    run(tmp_path / "resumed", "train.stop_at_step=1")
+    resumed = run(tmp_path / "resumed", "checkpoint.resume=auto")
+    a, b = (checkpointing.load_trainer_state(r.checkpoint) for r in (full, resumed))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][key], b[part][key]) for key in a[part]), part
+    states_a, states_b = (s["gen_engine"]["optimizer"]["state"] for s in (a, b))
+    assert all(torch.equal(states_a[i][k], states_b[i][k]) for i in states_a for k in states_a[i])
+    assert int(states_b[0]["step"]) == 3
