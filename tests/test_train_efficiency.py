@@ -528,3 +528,27 @@ def test_a_run_with_device_side_skips_resumes_identically(world, tmp_path):
     states_a, states_b = (s["gen_engine"]["optimizer"]["state"] for s in (a, b))
     assert all(torch.equal(states_a[i][k], states_b[i][k]) for i in states_a for k in states_a[i])
     assert int(states_b[0]["step"]) == 3
+
+
+def test_a_channels_last_model_trains_with_nhwc_weights_and_the_same_step(world, tmp_path):
+    from unitok.tokenizer.train import Trainer
+    from unitok.tokenizer.training.config import load_run_config
+
+    results = []
+    for flag in (False, True):
+        extra = (
+            "train.total_steps=2",
+            "train.precision=fp32",
+            f"model.overrides.channels_last={str(flag).lower()}",
+        )
+        trainer = Trainer(
+            load_run_config("unitok-tiny-synth", _run_overrides(tmp_path / str(flag), world, *extra)), CPU
+        )
+        trainer.monitor.close()
+        stem = trainer.model.encoder.patch_embed.backbone.stem.conv1.weight
+        assert stem.is_contiguous(memory_format=torch.channels_last) is flag
+        torch.manual_seed(0)
+        scalars = trainer.train_step()
+        results.append((scalars["loss"], scalars["grad_norm"]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=0)  # the whole gradient's norm

@@ -229,6 +229,9 @@ class Trainer:
                 part.requires_grad_(False)
             model.logit_scale.requires_grad_(False)
         model = model.to(self.device).train()
+        if model_config.channels_last:
+            # NHWC conv weights to match the NHWC activations (no per-call layout conversion in cuDNN).
+            model = model.to(memory_format=torch.channels_last)
         if self.config.train.compile:
             compile_blocks(model)
         return model
