@@ -36,6 +36,16 @@ def test_static_loop_equals_the_eager_loop_and_is_reused(unitok, cfg_scale):
     assert torch.equal(generate_image_codes(model, PROMPTS, fast=True, depth_cache=False, **kwargs), eager)
 
 
+@pytest.mark.parametrize("reference_merger_cache", [False, True])
+def test_static_loop_with_the_causal_merger_equals_the_eager_loop(unitok, reference_merger_cache):
+    model = tiny_release_mllm(unitok).eval()
+    kwargs = dict(grid=(2, 2), cfg_scale=2.0, temperature=0.0, reference_merger_cache=reference_merger_cache)
+    eager = generate_image_codes(model, PROMPTS, **kwargs)
+    assert torch.equal(generate_image_codes(model, PROMPTS, fast=True, **kwargs), eager)
+    (loop,) = _LOOPS[model].values()
+    assert (loop.merger_cache is None) == reference_merger_cache
+
+
 def test_depth_head_and_projector_run_in_the_llm_dtype(unitok):
     model = tiny_mllm(unitok, llm_dtype="bfloat16").eval()
     assert model.depth_head.in_proj.weight.dtype == torch.float32
@@ -119,3 +129,16 @@ def test_compiled_sampling_draws_what_the_fast_loop_draws(unitok):
         model, PROMPTS, compile="aot_eager", generator=torch.Generator().manual_seed(1), **sampled
     )
     assert torch.equal(compiled, fast)  # the noise of each position is drawn outside the step: the same draws
+
+
+def test_generation_benchmark_counts_no_host_reads_in_the_fast_loop(capsys):
+    from unitok.scripts import bench_mllm_generation
+
+    assert bench_mllm_generation.main(["--batch", "1", "--image-size", "32", "--skip-uncached"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if "ATen" not in line}
+    fast = rows["sync-free loop, static KV cache (`fast=True`)"].rstrip(" |").split(" | ")
+    eager = rows["eager: LLM DynamicCache + depth-head KV cache (default)"].rstrip(" |").split(" | ")
+    assert float(fast[-1]) == 0.0 and float(eager[-1]) > 0  # host reads per position
+    with pytest.raises(SystemExit):
+        bench_mllm_generation.main(["--compile", "no-such-backend"])
