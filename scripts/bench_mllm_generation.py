@@ -112,29 +112,29 @@ def time_generation(model, prompts, grid, mode: dict, repeats: int) -> tuple[flo
     return best, best_cpu, peak
 
 
-def ops_per_position(model, prompts, grid, mode: dict) -> tuple[float, float]:
+def ops_per_position(model, prompts, grid, mode: dict, positions: int = 16) -> tuple[float, float]:
     """(ATen ops, host reads) per generated position, from ``torch.profiler``: the ``aten::`` calls recorded
-    between the first and the last position's progress call (nested calls included), divided by the positions in
-    between (the prompt's share is left out). Host reads are ``aten::_local_scalar_dense`` calls (what ``.item()``
-    / ``int(tensor)`` / multinomial's checks run: a device sync on a GPU). A compiled step's fused kernels are not
-    ATen calls; what it leaves to ATen (matmuls, for instance) is counted.
+    between the first position's progress call and the one ``positions`` later (nested calls included), divided by
+    ``positions`` (the prompt's share is left out). Host reads are ``aten::_local_scalar_dense`` calls (what
+    ``.item()`` / ``int(tensor)`` / multinomial's checks run: a device sync on a GPU). A compiled step's fused
+    kernels are not ATen calls; what it leaves to ATen (matmuls, for instance) is counted.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    total = grid[0] * grid[1]
+    positions = min(positions, grid[0] * grid[1] - 1)
     prof = profile(activities=[ProfilerActivity.CPU])
 
     def progress(done: int, _: int) -> None:
         if done == 1:
             prof.start()
-        elif done == total:
+        elif done == 1 + positions:
             prof.stop()
 
     _generate(model, prompts, grid, mode, progress)
     names = [event.name for event in prof.events()]
     ops = sum(name.startswith("aten::") for name in names)
     reads = names.count("aten::_local_scalar_dense")
-    return ops / (total - 1), reads / (total - 1)
+    return ops / positions, reads / positions
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
