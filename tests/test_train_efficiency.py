@@ -40,10 +40,19 @@ def one_thread():
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=False)
 
 
-def _gan_parts(checkpoint_parts: str = "none"):
+@pytest.fixture(scope="module")
+def lpips_file(tmp_path_factory) -> Path:
+    """One random trunk saved as a combined file: loading it builds the trunk on the meta device (fast)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "lpips.pth"
+    torch.save(LPIPS(pretrained=False, min_size=16).state_dict(), path)
+    return path
+
+
+def _gan_parts(lpips_file: Path, checkpoint_parts: str = "none"):
     torch.manual_seed(0)
     model = UniTok(TokenizerConfig.preset("unitok-tiny", image_size=32, checkpoint_parts=checkpoint_parts))
-    lpips = LPIPS(pretrained=False, min_size=16)
+    lpips = LPIPS(weights_path=lpips_file, min_size=16)
     disc = DinoDiscriminator(DinoDiscConfig.preset("tiny")).requires_grad_(False)
     recon_loss = ReconstructionLoss(0.2, 1.0, 1.0, lpips=lpips)
     img = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -71,8 +80,8 @@ def _generator_grads(model, disc, recon_loss, img, one_pass: bool, gan_scale: fl
 
 
 @pytest.mark.parametrize("checkpoint_parts", ["none", "all"])
-def test_one_pass_adaptive_weight_gives_the_two_pass_weight_and_gradients(checkpoint_parts):
-    parts = _gan_parts(checkpoint_parts)
+def test_one_pass_adaptive_weight_gives_the_two_pass_weight_and_gradients(lpips_file, checkpoint_parts):
+    parts = _gan_parts(lpips_file, checkpoint_parts)
     weight, total, grads = _generator_grads(*parts, one_pass=True)
     ref_weight, ref_total, ref_grads = _generator_grads(*parts, one_pass=False)
     assert 0.015 < float(ref_weight) < 1e4  # not clamped: the ratio itself is compared
@@ -83,8 +92,8 @@ def test_one_pass_adaptive_weight_gives_the_two_pass_weight_and_gradients(checkp
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_one_pass_adaptive_weight_runs_each_loss_backward_once():
-    model, disc, recon_loss, img = _gan_parts()
+def test_one_pass_adaptive_weight_runs_each_loss_backward_once(lpips_file):
+    model, disc, recon_loss, img = _gan_parts(lpips_file)
     calls = {"lpips": 0, "disc": 0}
     for key, module in (("lpips", recon_loss.lpips.net), ("disc", disc)):
         module.register_full_backward_hook(lambda *_, _key=key: calls.__setitem__(_key, calls[_key] + 1))
@@ -95,8 +104,8 @@ def test_one_pass_adaptive_weight_runs_each_loss_backward_once():
     assert calls == {"lpips": 1, "disc": 1}
 
 
-def test_one_pass_adaptive_weight_rejects_losses_not_taken_on_the_leaf():
-    model, disc, recon_loss, img = _gan_parts()
+def test_one_pass_adaptive_weight_rejects_losses_not_taken_on_the_leaf(lpips_file):
+    model, disc, recon_loss, img = _gan_parts(lpips_file)
     out = model(img)
     leaf = out.recon.detach().requires_grad_()
     g_loss = generator_loss(disc, leaf)
@@ -305,15 +314,6 @@ def _lpips_pair(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     img = torch.rand(1, 3, 32, 32, generator=generator) * 2 - 1
     rec = (img + 0.3 * torch.randn(img.shape, generator=generator)).clamp(-1, 1)
     return rec.requires_grad_(), img
-
-
-@pytest.fixture(scope="module")
-def lpips_file(tmp_path_factory) -> Path:
-    """One random trunk saved as a combined file: loading it builds the trunk on the meta device (fast)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("lpips") / "lpips.pth"
-    torch.save(LPIPS(pretrained=False, min_size=16).state_dict(), path)
-    return path
 
 
 def test_lpips_channels_last_gives_the_same_distance_and_gradient(lpips_file):
