@@ -570,6 +570,7 @@ RESUME_FREE_FIELDS: tuple[str, ...] = (
     "train.cpu_threads",
     "train.device",
     "train.compile",
+    "loss.lpips_channels_last",
     "data.num_workers",
     "data.path",
     "data.synth",
