@@ -147,7 +147,7 @@ class MixtureDataset(Dataset):
     def _length(self, build: Any, *args: Any, **kwargs: Any) -> int | None:
         """Length of the sequence ``build(*args, **kwargs)`` makes, or None when the builder finds it over-long."""
         try:
-            return len(build(*args, **kwargs))
+            return self.builder.measure(build, *args, **kwargs)
         except ValueError as err:
             if "max_length" in str(err):
                 return None
@@ -168,7 +168,7 @@ class MixtureDataset(Dataset):
         skipped = Counter(self.text_counter.counts)
         for index, text in enumerate(self.texts):
             try:
-                length = len(self.builder.text(text))
+                length = self.builder.measure(self.builder.text, text)
             except ValueError:
                 skipped["bad_text"] += 1
                 continue

@@ -25,8 +25,9 @@ Text around an ``<image>`` placeholder is tokenized chunk by chunk (the placehol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -157,6 +158,16 @@ class _Pieces:
         )
 
 
+@dataclass(frozen=True)
+class _Measured:
+    """What a :class:`SequenceBuilder` method returns inside :meth:`SequenceBuilder.measure`: the length only."""
+
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class SequenceBuilder:
     """Turns samples and prompts into :class:`TokenSequence` for one text tokenizer and one UniTok vocabulary.
 
@@ -182,6 +193,7 @@ class SequenceBuilder:
         self.num_codebooks = num_codebooks
         self.codebook_size = codebook_size
         self._token_cache: dict[str, tuple[int, ...]] = {}
+        self._measuring = False
 
     def check_codes(self, codes: torch.Tensor, batched: bool = False) -> None:
         """Raise ``ValueError`` unless ``codes`` is an integer tensor [h,w,K] (or [B,h,w,K]) with values in [0,V)."""
@@ -245,16 +257,27 @@ class SequenceBuilder:
             self.check_codes(grid)
 
     def _finish(self, pieces: _Pieces, truncatable: bool) -> TokenSequence:
-        seq = pieces.build()
-        limit = self.config.max_length
-        if len(seq) <= limit:
-            return seq
-        if not truncatable:
+        length, limit = len(pieces), self.config.max_length
+        if length > limit and not truncatable:
             raise ValueError(
-                f"a sequence with images has {len(seq)} tokens, more than max_length={limit}; "
+                f"a sequence with images has {length} tokens, more than max_length={limit}; "
                 "raise max_length or shorten the text"
             )
+        if self._measuring:
+            return _Measured(min(length, limit))  # type: ignore[return-value]
+        seq = pieces.build()
+        if length <= limit:
+            return seq
         return TokenSequence(**{f.name: getattr(seq, f.name)[:limit] for f in fields(seq)})
+
+    def measure(self, build: Callable[..., TokenSequence], *args: Any, **kwargs: Any) -> int:
+        """``len(build(*args, **kwargs))`` without making the tensors; ``build`` is one of this builder's methods
+        (``text``, ``understanding``, ``generation``, ...), and raises what it raises."""
+        self._measuring = True
+        try:
+            return len(build(*args, **kwargs))
+        finally:
+            self._measuring = False
 
     def text(self, text: str) -> TokenSequence:
         """A text-only training sequence ``[bos] text </s>`` (truncated to ``max_length``)."""
