@@ -93,9 +93,9 @@ def _generate(model, prompts, grid, mode: dict, progress=None) -> torch.Tensor:
     )
 
 
-def time_generation(model, prompts, grid, mode: dict, repeats: int) -> tuple[float, float, int]:
+def time_generation(model, prompts, grid, mode: dict, repeats: int) -> tuple[float, float, int, torch.Tensor]:
     """Best wall time (s) and process CPU time (s) over ``repeats`` runs of sampled code generation with CFG,
-    and peak CUDA bytes (0 on CPU)."""
+    peak CUDA bytes (0 on CPU), and the codes."""
     device = model.device
     best, best_cpu, peak = float("inf"), float("inf"), 0
     for _ in range(repeats):
@@ -103,13 +103,13 @@ def time_generation(model, prompts, grid, mode: dict, repeats: int) -> tuple[flo
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         start, start_cpu = time.perf_counter(), time.process_time()
-        _generate(model, prompts, grid, mode)
+        codes = _generate(model, prompts, grid, mode)
         _sync(device)
         best = min(best, time.perf_counter() - start)
         best_cpu = min(best_cpu, time.process_time() - start_cpu)
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
-    return best, best_cpu, peak
+    return best, best_cpu, peak, codes
 
 
 def ops_per_position(model, prompts, grid, mode: dict, positions: int = 16) -> tuple[float, float]:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "| batch | mode | wall s | CPU s | positions/s | speed-up (wall) | speed-up (CPU) | compile s | peak CUDA MiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    counts = []
+    counts, agreement = [], []
     for batch in args.batch:
         prompts = [captions[i % len(captions)] for i in range(batch)]
         rows = []
@@ -218,13 +218,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             if batch == args.batch[0]:
                 counts.append((name, *ops_per_position(model, prompts, grid, mode)))
         base_wall, base_cpu = rows[0][2], rows[0][3]
-        for name, compile_s, wall, cpu, peak in rows:
+        codes = {name: row[-1] for name, *row in rows}
+        for name, compile_s, wall, cpu, peak, _ in rows:
             peak_text = f"{peak / 2**20:.1f}" if peak else "n/a (CPU)"
             compile_text = "" if compile_s is None else f"{compile_s:.0f}"
             print(
                 f"| {batch} | {name} | {wall:.2f} | {cpu:.2f} | {batch * positions / wall:.1f} "
                 f"| {base_wall / wall:.2f}x | {base_cpu / cpu:.2f}x | {compile_text} | {peak_text} |"
             )
+        if args.compile is not None:
+            # The same seed draws the same noise in both loops: equal codes up to the compiled kernels' rounding.
+            same = (codes[modes[-1][0]] == codes[modes[-2][0]]).float().mean().item()
+            agreement.append(f"batch {batch}: {100 * same:.1f} %")
+    if agreement:
+        print("\nCodes of the compiled step equal to the fast loop's (same seed): " + ", ".join(agreement))
     print(f"\n| mode (batch {args.batch[0]}) | ATen ops / position | host reads / position |")
     print("|---|---|---|")
     for name, ops, reads in counts:
