@@ -138,7 +138,8 @@ class StaticImageLoop:
     guidance and exponential-race sampling (its ``E`` drawn beforehand, so no generator inside), the new position's
     embedding, and the LLM's one-token step. No shape changes from one position to the next and nothing is read
     back to the host, so ``compile=True`` hands :meth:`step` to ``torch.compile`` whole (mode "reduce-overhead",
-    i.e. CUDA graphs, on CUDA). A loop is reused by later runs of the same shape, so it compiles once.
+    i.e. CUDA graphs, on CUDA). A loop is reused by later runs of the same shape, so it compiles once; runs of one
+    loop from several threads take turns.
     """
 
     def __init__(
@@ -178,6 +179,10 @@ class StaticImageLoop:
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         torch._dynamo.mark_static_address(self.slot)
         self.slots = torch.arange(prompt_len + total, device=device)
+        # Set by each run: the slots each row may attend to, and the position id of the first image position.
+        self.visible: torch.Tensor | None = None
+        self.first_position: torch.Tensor | None = None
+        self.lock = threading.Lock()
         self.step = self._step
         backend = "inductor" if compile is True else compile
         if backend:
@@ -243,6 +248,17 @@ class StaticImageLoop:
         progress: Callable[[int, int], None] | None,
     ) -> torch.Tensor:
         """Prefill the prompts (eager) and generate every position: codes [B,L,K]."""
+        with self.lock:
+            return self._run(model, prompt_embeds, attention_mask, generator, progress)
+
+    def _run(
+        self,
+        model: UniTokMLLM,
+        prompt_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        generator: torch.Generator | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> torch.Tensor:
         self._refresh(model)
         self.cache.reset()
         if self.merger_cache is not None:
@@ -363,7 +379,7 @@ def generate_image_codes(
         compile: the fast loop with its whole position step compiled by ``torch.compile``: True is inductor (mode
             "reduce-overhead", i.e. CUDA graphs, on CUDA), a string names another ``torch.compile`` backend (e.g.
             "aot_eager", quick to build, for checks). Implies ``fast``, needs ``use_cache``. The first call of a
-            shape and setting compiles; later ones reuse it.
+            shape and setting compiles; later ones reuse it (``torch.compile``'s recompile limit counts the shapes).
 
     Returns:
         codes LongTensor [B,h,w,K] on the model's device.
