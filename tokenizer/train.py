@@ -172,6 +172,12 @@ class Trainer:
         self.skipped_before = 0
         self.position = DataPosition(epoch=0, batch_in_epoch=0)
         self.checkpoint: Path | None = None
+        section = config.checkpoint
+        self.dcp_saver = (
+            checkpointing.DcpSaver(info.is_main, section.keep_last, section.async_save)
+            if section.format == "dcp"
+            else None
+        )
         # Steps skipped in a row for a non-finite gradient: counted on the device, read on the host when
         # ``_check_nonfinite`` runs (every step, or only on logging and checkpoint steps when both engines
         # skip on the device).
@@ -526,10 +532,19 @@ class Trainer:
                 config.train.grad_accum,
                 self.step,
             )
-        with self.monitor.redirect_logging():
-            self._loop(stop)
-        if self.checkpoint is None or self.checkpoint.name != checkpointing.step_dir_name(self.step):
-            self.save_checkpoint()
+        try:
+            with self.monitor.redirect_logging():
+                self._loop(stop)
+            if self.checkpoint is None or self.checkpoint.name != checkpointing.step_dir_name(self.step):
+                self.save_checkpoint()
+        except BaseException:
+            # A save in flight holds a good state from before the error: let it finish and commit.
+            try:
+                self.wait_for_checkpoint()
+            except checkpointing.TrainingError as err:
+                log.error("%s", err)
+            raise
+        self.wait_for_checkpoint()
         final_dir = self._export() if self.step >= self.total_steps else None
         if not self.last_metrics and self.info.is_main:
             self.last_metrics = self.monitor.last_record()
@@ -550,6 +565,8 @@ class Trainer:
         last_log_time, last_log_step = time.perf_counter(), self.step
         while self.step < stop:
             scalars = self.train_step()
+            if self.dcp_saver is not None:
+                self.dcp_saver.poll()
             self.running.add(scalars)
             self.monitor.advance()
             if self.step % config.logging.log_every == 0 or self.step == stop:
@@ -665,7 +682,11 @@ class Trainer:
     # checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically (all processes take part), keep the last ``keep_last``."""
+        """Write ``checkpoints/step-N`` atomically (all processes take part), keep the last ``keep_last``.
+
+        With ``checkpoint.async_save`` the files are still being written when this returns: the folder
+        appears once they are complete (``wait_for_checkpoint``, or the first training step after that).
+        """
         self._check_nonfinite()
         bad = nonfinite_tensors(self.model.state_dict())
         if self.ema is not None:
@@ -675,6 +696,9 @@ class Trainer:
                 f"step {self.step}: {len(bad)} weight tensor(s) are not finite ({', '.join(bad[:5])}, ...); "
                 "refusing to save them. Lower optim.lr and resume from the last good checkpoint"
             )
+        # Before the staging folder is cleared: the previous save may still be writing there.
+        self.wait_for_checkpoint()
+        started = time.perf_counter()
         root = checkpointing.checkpoint_root(self.output_dir)
         tmp = checkpointing.temporary_dir(root, self.step)
         final = root / checkpointing.step_dir_name(self.step)
@@ -687,36 +711,51 @@ class Trainer:
         if self.disc is not None:
             self.disc.save_sharded(tmp / checkpointing.DEEPSPEED_FOLDER, "discriminator")
         distributed.barrier(self.info)
-        if self.info.is_main:
-            position = self.stream.position()
-            state = {
-                "format_version": 1,
-                "step": self.step,
-                "total_steps": self.total_steps,
-                "world_size": self.world_size,
-                "data": {
-                    "epoch": position.epoch,
-                    "batch_in_epoch": position.batch_in_epoch,
-                    "samples_seen": self.step * self.global_batch,
-                    "skipped": skipped,
-                },
-                "config": self.config.to_dict(),
-                "model": self.model.state_dict(),
-                # The quantizer's usage-EMA warm-up counter is a Python int outside the state dict.
-                "quantizer_usage_updates": self.model.quantizer.num_usage_updates,
-                "ema": None if self.ema is None else self.ema.state_dict(),
-                "disc": None if self.disc_module is None else self.disc_module.state_dict(),
-                "gen_engine": self.gen.state_dict(),
-                "disc_engine": None if self.disc is None else self.disc.state_dict(),
-                "rng": rng_states,
-            }
-            checkpointing.atomic_save(state, tmp / checkpointing.TRAINER_FILE)
+        if self.dcp_saver is not None:
+            self.dcp_saver.start(self._trainer_state(rng_states, skipped), tmp, final)
+            if self.info.is_main:
+                log.info("checkpoint %s: training blocked %.2f s", final.name, time.perf_counter() - started)
+        elif self.info.is_main:
+            checkpointing.atomic_save(
+                self._trainer_state(rng_states, skipped), tmp / checkpointing.TRAINER_FILE
+            )
             checkpointing.commit(tmp, final)
             checkpointing.prune(root, self.config.checkpoint.keep_last, current=final)
             log.info("saved checkpoint %s", final)
-        distributed.barrier(self.info)
+        if self.dcp_saver is None:
+            distributed.barrier(self.info)
         self.checkpoint = final
         return final
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous checkpoint save in flight is written and renamed into place."""
+        if self.dcp_saver is not None:
+            self.dcp_saver.wait()
+
+    def _trainer_state(self, rng_states: list[dict[str, torch.Tensor]], skipped: int) -> dict[str, Any]:
+        """Everything a checkpoint holds (the tensors are the live ones: save or copy them at once)."""
+        position = self.stream.position()
+        return {
+            "format_version": 1,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "world_size": self.world_size,
+            "data": {
+                "epoch": position.epoch,
+                "batch_in_epoch": position.batch_in_epoch,
+                "samples_seen": self.step * self.global_batch,
+                "skipped": skipped,
+            },
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            # The quantizer's usage-EMA warm-up counter is a Python int outside the state dict.
+            "quantizer_usage_updates": self.model.quantizer.num_usage_updates,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "disc": None if self.disc_module is None else self.disc_module.state_dict(),
+            "gen_engine": self.gen.state_dict(),
+            "disc_engine": None if self.disc is None else self.disc.state_dict(),
+            "rng": rng_states,
+        }
 
     def _check_config_changes(self, path: Path, saved: dict[str, Any]) -> None:
         """Refuse a resume whose config changes the training, unless ``checkpoint.allow_config_change``."""

@@ -12,6 +12,15 @@ run killed while saving never leaves a half-written ``step-*`` folder; ``trainer
 to a temporary file and ``os.replace``-d. Everything in ``trainer.pt`` loads with
 ``torch.load(weights_only=True)``.
 
+With ``checkpoint.format: dcp`` the large tensors (weights, EMA, discriminator, optimiser moments) go to
+``step-N/dcp/`` through ``torch.distributed.checkpoint``: every process writes its share of them (the
+planner spreads the replicated tensors over the processes) and, with ``checkpoint.async_save``, writes
+them from a background thread while training goes on (``DcpSaver``). ``trainer.pt`` then holds
+everything else, with ``{"__dcp__": key}`` in place of each tensor; ``load_trainer_state`` puts the
+tensors back, so both formats read the same. Such a checkpoint is assembled in the same ``.tmp-step-N``
+folder and renamed into place only once every process has written its files, and older checkpoints are
+pruned only after that.
+
 A run owns its folder's checkpoint lineage: ``check_lineage`` refuses to start at step ``s`` over a
 folder holding checkpoints newer than ``s`` (they belong to another continuation) unless told to
 overwrite them or to set them aside (``branch``), and ``prune`` only deletes checkpoints older than
@@ -24,11 +33,13 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import socket
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +51,11 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 DEEPSPEED_FOLDER = "deepspeed"
+DCP_FOLDER = "dcp"
+CHECKPOINT_FORMATS = ("torch", "dcp")
+# The parts of the trainer state whose tensors a dcp checkpoint writes with torch.distributed.checkpoint.
+DCP_PARTS = ("model", "ema", "disc", "gen_engine", "disc_engine")
+_DCP_REF = "__dcp__"
 LOCK_FILE = ".lock"
 SUPERSEDED_PREFIX = "superseded-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -173,6 +189,20 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(state, dict) or "step" not in state:
         raise ValueError(f"{path} is not a trainer checkpoint (expected a dict with a 'step')")
+    if state.get("format") == "dcp":
+        folder = Path(checkpoint_dir) / DCP_FOLDER
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            tensors = read_dcp_tensors(folder)
+            state = merge_tensors(state, tensors)
+        # A missing .metadata, a key the files lack, ...; DCP reports a cut .distcp file as a
+        # CheckpointException, which derives from BaseException.
+        except (Exception, CheckpointException) as err:
+            raise ValueError(
+                f"the torch.distributed.checkpoint files of {folder} are unreadable, probably incomplete "
+                f"or truncated: {type(err).__name__}: {err}"
+            ) from err
     return state
 
 
@@ -346,3 +376,197 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
                 len(cuda_states),
                 torch.cuda.device_count(),
             )
+
+
+def split_tensors(
+    state: dict[str, Any], parts: tuple[str, ...] = DCP_PARTS
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(skeleton, tensors)``: ``state`` with every tensor under ``parts`` replaced by ``{"__dcp__": key}``,
+    and those tensors by key. A key is the tensor's path joined with ``/``, e.g.
+    ``model/encoder.blocks.0.norm1.weight`` or ``gen_engine/optimizer/state/3/exp_avg``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, torch.Tensor):
+            key = "/".join(path)
+            if key in tensors:
+                raise ValueError(f"two tensors of the trainer state map to the checkpoint key {key!r}")
+            tensors[key] = node
+            return {_DCP_REF: key}
+        if isinstance(node, dict):
+            return {name: walk(value, (*path, str(name))) for name, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(value, (*path, str(i))) for i, value in enumerate(node))
+        return node
+
+    skeleton = {name: walk(value, (name,)) if name in parts else value for name, value in state.items()}
+    return skeleton, tensors
+
+
+def merge_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``split_tensors``: the placeholders of ``skeleton`` replaced by the tensors they name
+    (KeyError naming a key that ``tensors`` lacks)."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_DCP_REF}:
+            key = skeleton[_DCP_REF]
+            if key not in tensors:
+                raise KeyError(f"the checkpoint files hold no tensor {key!r}")
+            return tensors[key]
+        return {name: merge_tensors(value, tensors) for name, value in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(merge_tensors(value, tensors) for value in skeleton)
+    return skeleton
+
+
+# What the pickled ``.metadata`` of a torch.distributed.checkpoint folder may refer to: DCP's own
+# metadata classes, torch sizes, dtypes and layouts, paths. Anything else is refused, so reading a
+# checkpoint never runs code named in its files.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _METADATA_GLOBALS.get(module, ())
+        if module == "torch.distributed.checkpoint.metadata" or name in allowed:
+            return super().find_class(module, name)
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+def _dcp_reader(folder: Path) -> Any:
+    """A ``FileSystemReader`` of ``folder`` whose ``read_metadata`` unpickles only ``_METADATA_GLOBALS``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self) -> Any:
+            with open(Path(self.path) / ".metadata", "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(str(folder))
+
+
+def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch.distributed.checkpoint folder, by key, on the CPU, read by this process
+    alone (no process group needed; the files of all processes are read)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    reader = _dcp_reader(folder)
+    entries = reader.read_metadata().state_dict_metadata
+    other = [key for key, entry in entries.items() if not isinstance(entry, TensorStorageMetadata)]
+    if other:
+        raise ValueError(f"{folder} holds entries that are not tensors: {other[:5]}")
+    tensors = {
+        key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype) for key, entry in entries.items()
+    }
+    with warnings.catch_warnings():
+        # DCP warns that it assumes one process when no process group is up: that is the intent here.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+class DcpSaver:
+    """Writes a run's ``dcp`` checkpoints and commits them (see the module docstring).
+
+    Every process calls ``start`` for each checkpoint and ``wait`` before it exits; the main process also
+    writes ``trainer.pt`` and, once the files of all processes are written, renames the staging folder
+    into place and prunes (in ``poll``, called after every training step, or in ``wait``). A save waits
+    for the previous one first, so at most one is in flight.
+
+    Args:
+        is_main: whether this is the process that writes ``trainer.pt``, commits and prunes.
+        keep_last: checkpoints kept by ``prune``.
+        async_save: write from a background thread (``dcp.async_save``); False writes before returning.
+
+    Under a process group the saves coordinate over a gloo group of their own (made here, so every process
+    must build its ``DcpSaver`` at the same point): a background save then never interleaves its messages
+    with the training step's, and a CPU group is what an asynchronous save needs next to NCCL.
+    """
+
+    def __init__(self, is_main: bool, keep_last: int, async_save: bool):
+        import torch.distributed as dist
+
+        self.is_main = is_main
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        if self.group is None:
+            import warnings
+
+            # DCP warns on every save without a process group that it assumes one process (it runs in the
+            # writer thread, out of reach of ``catch_warnings``); one process is what is meant here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
+        self.pending: Future | None = None
+        self._paths: tuple[Path, Path] | None = None
+
+    def start(self, state: dict[str, Any], tmp: Path, final: Path) -> None:
+        """Write ``state`` (the trainer state of ``trainer.pt``) as the checkpoint ``final``, assembled in the
+        existing, empty folder ``tmp``; returns once the tensors are copied (asynchronous) or written."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
+
+        self.wait()
+        skeleton, tensors = split_tensors(state)
+        skeleton["format"] = "dcp"
+        if self.is_main:
+            atomic_save(skeleton, tmp / TRAINER_FILE)
+        options = {
+            "storage_writer": FileSystemWriter(str(tmp / DCP_FOLDER)),
+            "process_group": self.group,
+            "no_dist": self.group is None,
+        }
+        self._paths = (tmp, final)
+        if self.async_save:
+            response = dcp.async_save(tensors, **options)
+            self.pending = getattr(response, "upload_completion", response)
+        else:
+            dcp.save(tensors, **options)
+            self._done()
+
+    def poll(self) -> Path | None:
+        """Commit the save in flight if its files are written; returns the checkpoint committed, if any."""
+        if self.pending is None or not self.pending.done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Path | None:
+        """Block until the save in flight (if any) is written, then commit it; returns its checkpoint.
+
+        Raises TrainingError when writing failed (its staging folder is left for the next save to remove).
+        """
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        try:
+            pending.result()
+        except Exception as err:
+            tmp, final = self._paths
+            self._paths = None
+            raise TrainingError(
+                f"writing checkpoint {final} (staged in {tmp}) failed: {type(err).__name__}: {err}"
+            ) from err
+        return self._done()
+
+    def _done(self) -> Path:
+        tmp, final = self._paths
+        self._paths = None
+        if self.is_main:
+            commit(tmp, final)
+            prune(final.parent, self.keep_last, current=final)
+            log.info("saved checkpoint %s", final)
+        return final

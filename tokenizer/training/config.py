@@ -327,6 +327,10 @@ class CheckpointSection:
     ``overwrite`` (delete them). A resumed run whose config differs from the checkpoint's in a field
     that changes the training (learning rate, batch, losses, ...) stops with the list of changes unless
     ``allow_config_change``; then the new values apply and are logged.
+
+    ``format``: ``torch`` (the default: the main process writes one ``trainer.pt``) or ``dcp`` (the weights
+    and optimiser state through ``torch.distributed.checkpoint``, every process writing its share; with
+    ``async_save`` from a background thread while training goes on). Resuming reads either format.
     """
 
     every_steps: int = 1000
@@ -335,11 +339,17 @@ class CheckpointSection:
     export_ema: bool = True
     on_newer: Literal["refuse", "branch", "overwrite"] = "refuse"
     allow_config_change: bool = False
+    format: Literal["torch", "dcp"] = "torch"
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         _check(
             self.every_steps > 0 and self.keep_last > 0,
             f"checkpoint.every_steps and checkpoint.keep_last must be > 0, got {self.every_steps}, {self.keep_last}",
+        )
+        _check(
+            not self.async_save or self.format == "dcp",
+            "checkpoint.async_save needs checkpoint.format dcp (the torch format is written synchronously)",
         )
 
 
