@@ -142,3 +142,16 @@ def test_generation_benchmark_counts_no_host_reads_in_the_fast_loop(capsys):
     assert float(fast[-1]) == 0.0 and float(eager[-1]) > 0  # host reads per position
     with pytest.raises(SystemExit):
         bench_mllm_generation.main(["--compile", "no-such-backend"])
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_generation_benchmark_runs_on_a_tiny_model(unitok):
+    from unitok.scripts.gpu_check_mllm import bench_generation
+
+    model = tiny_release_mllm(unitok).eval()
+    sampling = {"cfg_scale": 2.0, "temperature": 1.0, "top_k": 20, "top_p": 0.9}
+    report = bench_generation(model, "a red circle", [2], sampling, backend="eager")
+    assert report["positions"] == 16
+    assert report["b2_compiled_codes_equal_fast"] == 1.0  # the same noise through the same kernels
+    assert report["b2_eager_syncs_per_position"] is None  # counted on CUDA only
+    assert all(report[f"b2_{mode}_s_per_image"] > 0 for mode in ("eager", "fast", "compiled"))
