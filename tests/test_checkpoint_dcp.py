@@ -127,7 +127,7 @@ def test_a_run_resumed_from_async_dcp_checkpoints_ends_identical_to_an_uninterru
         "checkpoint.every_steps=1",
     )
     # The reference in the default format: resuming does not depend on the format written.
-    full = run(tmp_path / "full", world, *common)
+    full = run(tmp_path / "full", world, *common, "checkpoint.every_steps=1000")
     out = tmp_path / "resumed"
     stopped = run(out, world, *common, *DCP, "train.stop_at_step=2")
     assert (stopped.step, stopped.final_dir) == (2, None)

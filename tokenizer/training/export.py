@@ -1,7 +1,8 @@
 """Trainer checkpoints as tokenizers: ``unitok export CHECKPOINT [--out DIR]`` and the helpers behind it.
 
 A trainer checkpoint (``<run>/checkpoints/step-N/trainer.pt``) holds the run config and the weights
-(and the EMA weights when the run keeps them). ``load_checkpoint_model`` builds the ``UniTok`` it
+(and the EMA weights when the run keeps them); in the ``dcp`` format the tensors lie in ``step-N/dcp/``
+and ``checkpointing.load_trainer_state`` puts them back, so everything here reads both formats. ``load_checkpoint_model`` builds the ``UniTok`` it
 describes, so intermediate checkpoints can be evaluated (``unitok eval-tokenizer --model <run>/checkpoints/step-N``)
 and ``export_checkpoint`` writes the ``save_pretrained`` folder that ``UniTok.from_pretrained`` loads,
 the same way the trainer writes ``<run>/final``: assembled beside the target, renamed into place,
