@@ -112,6 +112,20 @@ def test_split_and_merge_round_trip_an_optimizer_state():
         checkpointing.merge_tensors(skeleton, tensors)
 
 
+def test_shares_cover_every_tensor_once_and_balance_the_bytes():
+    sizes = [7, 3, 3, 2, 2, 2, 1, 1, 1, 1, 0]
+    tensors = {f"t{i}": torch.zeros(n, 4) for i, n in enumerate(sizes)}
+    shares = checkpointing.assign_shares(tensors, 3)
+    assert sorted(key for share in shares for key in share) == sorted(tensors)
+    loads = [sum(tensors[key].numel() for key in share) for share in shares]
+    # Largest first onto the lightest share: the shares differ by at most the largest tensor.
+    assert max(loads) - min(loads) <= 7 * 4 and min(loads) > 0
+    assert shares == checkpointing.assign_shares(dict(reversed(tensors.items())), 3)
+    assert checkpointing.assign_shares(tensors, 1) == [
+        sorted(tensors, key=lambda k: (-tensors[k].numel(), k))
+    ]
+
+
 def test_a_run_resumed_from_async_dcp_checkpoints_ends_identical_to_an_uninterrupted_run(world, tmp_path):
     common = (
         "train.total_steps=4",
@@ -263,7 +277,7 @@ def test_two_gloo_processes_write_their_shares_and_resume(world, tmp_path):
     _torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "train.stop_at_step=2"))
     folder = checkpointing.checkpoint_root(out) / "step-00000002"
     shards = {p.name: p.stat().st_size for p in (folder / "dcp").glob("*.distcp")}
-    # The planner spreads the replicated tensors over both processes: each wrote a share.
+    # Each process staged and wrote only the share of the replicated tensors assigned to it.
     assert sorted(shards) == ["__0_0.distcp", "__1_0.distcp"] and min(shards.values()) > 1000
     assert len(checkpointing.load_trainer_state(folder)["rng"]) == 2
     _torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "checkpoint.resume=auto"))

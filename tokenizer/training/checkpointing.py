@@ -13,9 +13,10 @@ to a temporary file and ``os.replace``-d. Everything in ``trainer.pt`` loads wit
 ``torch.load(weights_only=True)``.
 
 With ``checkpoint.format: dcp`` the large tensors (weights, EMA, discriminator, optimiser moments) go to
-``step-N/dcp/`` through ``torch.distributed.checkpoint``: every process writes its share of them (the
-planner spreads the replicated tensors over the processes) and, with ``checkpoint.async_save``, writes
-them from a background thread while training goes on (``DcpSaver``). ``trainer.pt`` then holds
+``step-N/dcp/`` through ``torch.distributed.checkpoint``: every process writes its share of them
+(``assign_shares``: the tensors are replicated over the processes, so each copies and writes only the
+ones assigned to it) and, with ``checkpoint.async_save``, writes them from a background thread while
+training goes on (``DcpSaver``). ``trainer.pt`` then holds
 everything else, with ``{"__dcp__": key}`` in place of each tensor; ``load_trainer_state`` puts the
 tensors back, so both formats read the same. Such a checkpoint is assembled in the same ``.tmp-step-N``
 folder and renamed into place only once every process has written its files, and older checkpoints are
@@ -418,6 +419,19 @@ def merge_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
+def assign_shares(tensors: dict[str, torch.Tensor], world_size: int) -> list[list[str]]:
+    """Split the keys of ``tensors`` into ``world_size`` shares of about equal bytes (largest first, each to
+    the lightest share so far); the same on every process for the same tensors."""
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    by_size = sorted(tensors, key=lambda key: (-tensors[key].numel() * tensors[key].element_size(), key))
+    for key in by_size:
+        lightest = loads.index(min(loads))
+        shares[lightest].append(key)
+        loads[lightest] += tensors[key].numel() * tensors[key].element_size()
+    return shares
+
+
 # What the pickled ``.metadata`` of a torch.distributed.checkpoint folder may refer to: DCP's own
 # metadata classes, torch sizes, dtypes and layouts, paths. Anything else is refused, so reading a
 # checkpoint never runs code named in its files.
@@ -495,7 +509,9 @@ class DcpSaver:
 
     Under a process group the saves coordinate over a gloo group of their own (made here, so every process
     must build its ``DcpSaver`` at the same point): a background save then never interleaves its messages
-    with the training step's, and a CPU group is what an asynchronous save needs next to NCCL.
+    with the training step's, and a CPU group is what an asynchronous save needs next to NCCL. The tensors
+    saved must be equal on every process (DDP and ZeRO-1/2 replicate weights, EMA and optimiser moments
+    of the torch engine): each process stages and writes only its share (``assign_shares``).
     """
 
     def __init__(self, is_main: bool, keep_last: int, async_save: bool):
@@ -505,6 +521,8 @@ class DcpSaver:
         self.keep_last = keep_last
         self.async_save = async_save
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.rank = 0 if self.group is None else dist.get_rank(self.group)
+        self.world_size = 1 if self.group is None else dist.get_world_size(self.group)
         if self.group is None:
             import warnings
 
@@ -523,6 +541,7 @@ class DcpSaver:
         self.wait()
         skeleton, tensors = split_tensors(state)
         skeleton["format"] = "dcp"
+        tensors = {key: tensors[key] for key in assign_shares(tensors, self.world_size)[self.rank]}
         if self.is_main:
             atomic_save(skeleton, tmp / TRAINER_FILE)
         options = {
