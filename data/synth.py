@@ -183,6 +183,9 @@ def _world_record(
     text = caption(scene, groups, rng)
     qa = questions(scene, rng)
     turns = [(f"{item['question']}\n{SHORT_ANSWER_PROMPT}", item["answer"]) for item in qa]
+    # Questions come in a random order, so that a model has to read them (any kind may come first, as at test
+    # time, where every question is asked alone).
+    turns = [turns[i] for i in rng.permutation(len(turns))]
     turns.insert(int(rng.integers(len(turns) + 1)), (CAPTION_QUESTION, text))
     sample_id = f"{index:0{config.id_width()}d}"
     truth = scene.to_dict()
