@@ -204,6 +204,21 @@ def test_training_goes_on_while_an_async_save_is_writing(world, tmp_path, monkey
     assert steps == [1, 2, 3]
 
 
+def test_a_failed_background_write_stops_the_run_and_is_never_committed(world, tmp_path, monkeypatch):
+    def failing_write_data(self, plan, planner):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", failing_write_data)
+    out = tmp_path / "full-disk"
+    with pytest.raises(
+        checkpointing.TrainingError,
+        match=r"writing checkpoint .*step-00000001 .*failed: process 0: OSError: No space left on device$",
+    ):
+        run(out, world, *DCP, "checkpoint.every_steps=1")
+    assert checkpointing.list_checkpoints(checkpointing.checkpoint_root(out)) == []
+    assert not (out / "final").exists()
+
+
 def test_a_truncated_or_partial_dcp_checkpoint_is_passed_over(world, tmp_path, caplog):
     out = tmp_path / "bad"
     run(out, world, *DCP, "checkpoint.every_steps=1", "train.stop_at_step=2", "train.total_steps=3")

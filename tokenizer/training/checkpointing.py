@@ -202,7 +202,7 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         except (Exception, CheckpointException) as err:
             raise ValueError(
                 f"the torch.distributed.checkpoint files of {folder} are unreadable, probably incomplete "
-                f"or truncated: {type(err).__name__}: {err}"
+                f"or truncated: {_cause(err)}"
             ) from err
     return state
 
@@ -377,6 +377,16 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
                 len(cuda_states),
                 torch.cuda.device_count(),
             )
+
+
+def _cause(err: BaseException) -> str:
+    """One line per failure: DCP wraps the errors of every process in a CheckpointException (with tracebacks)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict):
+        return "; ".join(
+            f"process {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in failures.items()
+        )
+    return f"{type(err).__name__}: {err}"
 
 
 def split_tensors(
@@ -570,14 +580,16 @@ class DcpSaver:
         """
         if self.pending is None:
             return None
+        from torch.distributed.checkpoint.api import CheckpointException
+
         pending, self.pending = self.pending, None
         try:
             pending.result()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:
             tmp, final = self._paths
             self._paths = None
             raise TrainingError(
-                f"writing checkpoint {final} (staged in {tmp}) failed: {type(err).__name__}: {err}"
+                f"writing checkpoint {final} (staged in {tmp}) failed: {_cause(err)}"
             ) from err
         return self._done()
 
