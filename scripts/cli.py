@@ -69,6 +69,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "UniTok-L training-step img/s at bf16 on a GPU",
     ),
     "bench eval": ("unitok.scripts.bench_eval", "tokenizer evaluation throughput"),
+    "bench checkpoint": (
+        "unitok.scripts.bench_checkpoint",
+        "trainer checkpoint save: training blocked vs committed, torch vs dcp vs dcp async",
+    ),
     "bench extract": (
         "unitok.scripts.bench_extract",
         "code extraction images/s, store bytes per image, padding with and without length grouping",
