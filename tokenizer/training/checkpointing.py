@@ -16,9 +16,8 @@ With ``checkpoint.format: dcp`` the large tensors (weights, EMA, discriminator, 
 ``step-N/dcp/`` through ``torch.distributed.checkpoint``: every process writes its share of them
 (``assign_shares``: the tensors are replicated over the processes, so each copies and writes only the
 ones assigned to it) and, with ``checkpoint.async_save``, writes them from a background thread while
-training goes on (``DcpSaver``). ``trainer.pt`` then holds
-everything else, with ``{"__dcp__": key}`` in place of each tensor; ``load_trainer_state`` puts the
-tensors back, so both formats read the same. Such a checkpoint is assembled in the same ``.tmp-step-N``
+training goes on (``DcpSaver``). ``trainer.pt`` then holds everything else, with ``{"__dcp__": key}`` in
+place of each tensor; ``load_trainer_state`` puts the tensors back, so both formats read the same. Such a checkpoint is assembled in the same ``.tmp-step-N``
 folder and renamed into place only once every process has written its files, and older checkpoints are
 pruned only after that.
 
@@ -53,7 +52,6 @@ CHECKPOINT_FOLDER = "checkpoints"
 TRAINER_FILE = "trainer.pt"
 DEEPSPEED_FOLDER = "deepspeed"
 DCP_FOLDER = "dcp"
-CHECKPOINT_FORMATS = ("torch", "dcp")
 # The parts of the trainer state whose tensors a dcp checkpoint writes with torch.distributed.checkpoint.
 DCP_PARTS = ("model", "ema", "disc", "gen_engine", "disc_engine")
 _DCP_REF = "__dcp__"
@@ -173,9 +171,11 @@ def prune(root: str | Path, keep_last: int, current: Path | None = None) -> list
 
 
 def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Read ``trainer.pt`` of a checkpoint folder onto the CPU (``weights_only=True``).
+    """Read ``trainer.pt`` of a checkpoint folder onto the CPU (``weights_only=True``); in the ``dcp``
+    format with its tensors put back from ``dcp/`` (read by this process alone).
 
-    Raises ValueError naming the file when it is truncated, empty or not a trainer checkpoint.
+    Raises ValueError naming the file when it is truncated, empty or not a trainer checkpoint, or the
+    ``dcp`` folder when its files are incomplete or unreadable.
     """
     path = Path(checkpoint_dir) / TRAINER_FILE
     try:
@@ -192,14 +192,11 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a trainer checkpoint (expected a dict with a 'step')")
     if state.get("format") == "dcp":
         folder = Path(checkpoint_dir) / DCP_FOLDER
-        from torch.distributed.checkpoint.api import CheckpointException
-
         try:
             tensors = read_dcp_tensors(folder)
             state = merge_tensors(state, tensors)
-        # A missing .metadata, a key the files lack, ...; DCP reports a cut .distcp file as a
-        # CheckpointException, which derives from BaseException.
-        except (Exception, CheckpointException) as err:
+        # A missing .metadata, a cut .distcp file, a key the files lack, ...
+        except (Exception, _checkpoint_exception()) as err:
             raise ValueError(
                 f"the torch.distributed.checkpoint files of {folder} are unreadable, probably incomplete "
                 f"or truncated: {_cause(err)}"
@@ -377,6 +374,13 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
                 len(cuda_states),
                 torch.cuda.device_count(),
             )
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    """DCP's error type, which derives from BaseException (so ``except Exception`` misses it)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
 
 
 def _cause(err: BaseException) -> str:
@@ -563,9 +567,12 @@ class DcpSaver:
         if self.async_save:
             response = dcp.async_save(tensors, **options)
             self.pending = getattr(response, "upload_completion", response)
-        else:
+            return
+        try:
             dcp.save(tensors, **options)
-            self._done()
+        except (Exception, _checkpoint_exception()) as err:
+            raise self._failed(err) from err
+        self._done()
 
     def poll(self) -> Path | None:
         """Commit the save in flight if its files are written; returns the checkpoint committed, if any."""
@@ -580,18 +587,17 @@ class DcpSaver:
         """
         if self.pending is None:
             return None
-        from torch.distributed.checkpoint.api import CheckpointException
-
         pending, self.pending = self.pending, None
         try:
             pending.result()
-        except (Exception, CheckpointException) as err:
-            tmp, final = self._paths
-            self._paths = None
-            raise TrainingError(
-                f"writing checkpoint {final} (staged in {tmp}) failed: {_cause(err)}"
-            ) from err
+        except (Exception, _checkpoint_exception()) as err:
+            raise self._failed(err) from err
         return self._done()
+
+    def _failed(self, err: BaseException) -> TrainingError:
+        tmp, final = self._paths
+        self._paths = None
+        return TrainingError(f"writing checkpoint {final} (staged in {tmp}) failed: {_cause(err)}")
 
     def _done(self) -> Path:
         tmp, final = self._paths
