@@ -3,9 +3,9 @@
 What they prove: the trainer state splits into a small ``trainer.pt`` and DCP tensors and merges back
 exactly; a run stopped at a dcp checkpoint and resumed ends bit-identical to an uninterrupted run in the
 default format (discriminator, EMA, accumulation, optimiser moments), prunes only after a commit, and
-exports from either format; training goes on while an asynchronous save is still writing; a truncated or
-partial dcp checkpoint is passed over by ``--resume auto``; two gloo processes each write their share and
-resume.
+exports from either format; training goes on while an asynchronous save is still writing; a failed write
+stops the run and commits nothing; a truncated or partial dcp checkpoint is passed over by ``--resume
+auto``; metadata naming other code is refused; two gloo processes each write their share and resume.
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ def test_training_goes_on_while_an_async_save_is_writing(world, tmp_path, monkey
     assert steps == [1, 2, 3]
 
 
-def test_a_failed_background_write_stops_the_run_and_is_never_committed(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [True, False])
+def test_a_failed_write_stops_the_run_and_is_never_committed(world, tmp_path, monkeypatch, background):
     def failing_write_data(self, plan, planner):
         raise OSError("No space left on device")
 
@@ -214,7 +215,13 @@ def test_a_failed_background_write_stops_the_run_and_is_never_committed(world, t
         checkpointing.TrainingError,
         match=r"writing checkpoint .*step-00000001 .*failed: process 0: OSError: No space left on device$",
     ):
-        run(out, world, *DCP, "checkpoint.every_steps=1")
+        run(
+            out,
+            world,
+            "checkpoint.format=dcp",
+            f"checkpoint.async_save={background}",
+            "checkpoint.every_steps=1",
+        )
     assert checkpointing.list_checkpoints(checkpointing.checkpoint_root(out)) == []
     assert not (out / "final").exists()
 
