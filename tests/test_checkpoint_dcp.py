@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizer_runs import make_world, run, tiny_overrides
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from unitok.data.synth import SynthConfig, generate_world
 from unitok.tokenizer import UniTok
-from unitok.tokenizer.train import Trainer, TrainResult, train
+from unitok.tokenizer.train import Trainer
 from unitok.tokenizer.training import checkpointing, export
 from unitok.tokenizer.training.config import load_run_config
 
@@ -32,34 +32,7 @@ DCP = ("checkpoint.format=dcp", "checkpoint.async_save=true")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig(num_images=48, size=32, classify_per_class=0, shard_size=16), workers=1)
-    return root
-
-
-def tiny_overrides(out: Path, world: Path, *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"data.path={world}",
-        "data.synth=null",
-        "data.num_workers=0",
-        "model.overrides.image_size=32",
-        "model.overrides.entropy_weight=0.0",
-        "train.device=cpu",
-        "train.cpu_threads=1",
-        "train.local_batch_size=8",
-        "train.total_steps=2",
-        "logging.log_every=1",
-        "logging.image_every=0",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "checkpoint.every_steps=1000",
-        *extra,
-    ]
-
-
-def run(out: Path, world: Path, *extra: str) -> TrainResult:
-    return train(load_run_config("unitok-tiny-synth", tiny_overrides(out, world, *extra)))
+    return make_world(tmp_path_factory)
 
 
 def assert_same_state(a: dict, b: dict) -> None:

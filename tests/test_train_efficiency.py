@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizer_runs import make_world, run_overrides
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from unitok.tokenizer import TokenizerConfig, UniTok
@@ -200,30 +201,12 @@ def test_ema_stays_where_a_step_was_skipped():
 
 
 def _run_overrides(out: Path, world: Path, *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"data.path={world}",
-        "data.synth=null",
-        "data.num_workers=0",
-        "model.overrides.image_size=32",
-        "train.device=cpu",
-        "train.cpu_threads=1",
-        "train.local_batch_size=4",
-        "logging.image_every=0",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "checkpoint.resume=null",
-        *extra,
-    ]
+    return run_overrides(out, world, "checkpoint.resume=null", *extra, batch=4)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from unitok.data.synth import SynthConfig, generate_world
-
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig(num_images=16, size=32, classify_per_class=0, shard_size=16), workers=1)
-    return root
+    return make_world(tmp_path_factory, num_images=16)
 
 
 def test_a_diverging_run_with_device_side_skips_stops_at_a_logging_step(world, tmp_path, caplog):

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tokenizer_runs import make_world, run, tiny_overrides
 
 from unitok.data.formats import encode_jpeg, write_tar_shard
-from unitok.data.synth import SynthConfig, generate_world
 from unitok.tokenizer import UniTok
-from unitok.tokenizer.train import TrainResult, train
+from unitok.tokenizer.train import TrainResult
 from unitok.tokenizer.training import checkpointing
 from unitok.tokenizer.training.config import load_run_config
 from unitok.tokenizer.training.monitor import METRICS_FILE
@@ -35,38 +35,7 @@ COMPARED = ("loss", "l1", "l2", "vq", "clip", "grad_norm")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, SynthConfig(num_images=48, size=32, classify_per_class=0, shard_size=16), workers=1)
-    return root
-
-
-def tiny_overrides(out: Path, world: Path, *extra: str) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"data.path={world}",
-        "data.synth=null",
-        "data.num_workers=0",
-        "model.overrides.image_size=32",
-        # The entropy term uses each process's own batch statistics, so it alone would differ between one
-        # process and two; the comparisons below are about data split, gathering and gradient averaging.
-        "model.overrides.entropy_weight=0.0",
-        "train.device=cpu",
-        # One thread: bit-exact comparisons need the same reduction order in every run, and OpenMP threads
-        # that spin on a busy 2-core machine make a run many times slower.
-        "train.cpu_threads=1",
-        "train.local_batch_size=8",
-        "train.total_steps=2",
-        "logging.log_every=1",
-        "logging.image_every=0",
-        "logging.progress_bar=false",
-        "logging.tensorboard=false",
-        "checkpoint.every_steps=1000",
-        *extra,
-    ]
-
-
-def run(out: Path, world: Path, *extra: str) -> TrainResult:
-    return train(load_run_config("unitok-tiny-synth", tiny_overrides(out, world, *extra)))
+    return make_world(tmp_path_factory)
 
 
 def read_metrics(out: Path) -> list[dict]:
