@@ -11,15 +11,12 @@ auto``; metadata naming other code is refused; two gloo processes each write the
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizer_runs import make_world, run, tiny_overrides
+from tokenizer_runs import make_world, run, tiny_overrides, torchrun
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from unitok.tokenizer import UniTok
@@ -238,44 +235,18 @@ def test_async_save_needs_the_dcp_format():
         load_run_config("unitok-tiny-synth", ["checkpoint.async_save=true"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _torchrun(overrides: list[str]) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "unitok.tokenizer.train",
-        "--config",
-        "unitok-tiny-synth",
-    ]
-    command += [arg for item in overrides for arg in ("--set", item)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.distributed
 def test_two_gloo_processes_write_their_shares_and_resume(world, tmp_path):
     common = ("train.total_steps=3", "checkpoint.every_steps=1")
     single = run(tmp_path / "single", world, *common)
     out = tmp_path / "ddp"
-    _torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "train.stop_at_step=2"))
+    torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "train.stop_at_step=2"))
     folder = checkpointing.checkpoint_root(out) / "step-00000002"
     shards = {p.name: p.stat().st_size for p in (folder / "dcp").glob("*.distcp")}
     # Each process staged and wrote only the share of the replicated tensors assigned to it.
     assert sorted(shards) == ["__0_0.distcp", "__1_0.distcp"] and min(shards.values()) > 1000
     assert len(checkpointing.load_trainer_state(folder)["rng"]) == 2
-    _torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "checkpoint.resume=auto"))
+    torchrun(tiny_overrides(out, world, *common, *DCP, "train.local_batch_size=4", "checkpoint.resume=auto"))
     a = checkpointing.load_trainer_state(single.checkpoint)
     b = checkpointing.load_trainer_state(checkpointing.checkpoint_root(out) / "step-00000003")
     assert b["step"] == 3 and a["data"] == b["data"]

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from tokenizer_runs import make_world, run, tiny_overrides
+from tokenizer_runs import make_world, run, tiny_overrides, torchrun
 
 from unitok.data.formats import encode_jpeg, write_tar_shard
 from unitok.tokenizer import UniTok
@@ -81,34 +77,12 @@ def test_two_steps_write_metrics_images_checkpoint_and_a_loadable_export(single_
     assert len(read_metrics(out)) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(single_run, world, tmp_path):
     _, single_out = single_run
     out = tmp_path / "ddp"
     overrides = tiny_overrides(out, world, "train.local_batch_size=4")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "unitok.tokenizer.train",
-        "--config",
-        "unitok-tiny-synth",
-    ]
-    command += [arg for item in overrides for arg in ("--set", item)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(overrides)
     ddp, single = read_metrics(out), read_metrics(single_out)
     assert [r["samples"] for r in ddp] == [8, 16]
     # Each process reads a disjoint half of the same seeded permutation with the same per-sample crops,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from unitok.data.synth import SynthConfig, generate_world
@@ -55,3 +59,26 @@ def tiny_overrides(out: Path, world: Path, *extra: str) -> list[str]:
 
 def run(out: Path, world: Path, *extra: str) -> TrainResult:
     return train(load_run_config("unitok-tiny-synth", tiny_overrides(out, world, *extra)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(overrides: list[str], processes: int = 2) -> None:
+    """``unitok.tokenizer.train --config unitok-tiny-synth`` with ``overrides`` in ``processes`` gloo processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    command += [
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "unitok.tokenizer.train",
+        "--config",
+        "unitok-tiny-synth",
+    ]
+    command += [arg for item in overrides for arg in ("--set", item)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
