@@ -39,9 +39,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from unitok.mllm.chat import answer, chat, chat_stream
 from unitok.mllm.config import MLLMConfig
 from unitok.mllm.depth_head import DepthHead, LlamaDepthHead
-from unitok.mllm.generation import GeneratedImages, answer, chat, chat_stream, generate_images
+from unitok.mllm.generation import GeneratedImages, generate_images
 from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
@@ -816,7 +817,7 @@ class UniTokMLLM(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
     ) -> list[str] | Iterator[str]:
-        """Image(s) + question(s) -> answers (one-turn :meth:`chat`, batched); see :func:`unitok.mllm.generation.answer`."""
+        """Image(s) + question(s) -> answers (one-turn :meth:`chat`, batched); see :func:`unitok.mllm.chat.answer`."""
         return answer(self, images_or_codes, questions, max_new_tokens, stream, temperature, top_p, use_cache)
 
 

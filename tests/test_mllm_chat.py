@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from mllm_helpers import one_thread, random_codes, tiny_mllm, tiny_unitok  # noqa: F401 (autouse fixture)
 
 from unitok.mllm import GenerationSample, MLLMCollator, TextSample, UnderstandingSample
-from unitok.mllm.generation import chat_sequence
+from unitok.mllm.chat import chat_sequence
 from unitok.mllm.sequence import IGNORE_INDEX
 
 
