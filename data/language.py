@@ -40,6 +40,8 @@ _REGION_PHRASES: dict[str, str] = {
     "left": "on the left",
     "right": "on the right",
 }
+# Share of the captions of scenes whose groups differ in shape that leave the colours out.
+COLORLESS_CAPTION_P = 0.4
 _CAPTION_PREFIXES: tuple[str, ...] = ("", "a photo of ", "an image of ", "a picture of ", "a rendering of ")
 T = TypeVar("T")
 _BACKGROUND_PHRASES: dict[str, str] = {
@@ -88,13 +90,21 @@ def caption(scene: Scene, groups: list[tuple[ObjectSpec, int]], rng: np.random.G
 
     One object: 'a red circle in the top left corner'. Two groups in a clear spatial relation: 'two red
     circles to the left of a blue square'. Otherwise the groups are listed. The size class is said
-    half of the time, a prefix ('a photo of ...') and the background now and then.
+    half of the time, a prefix ('a photo of ...') and the background now and then. When the groups have
+    different shapes, the colours go unsaid in a share ``COLORLESS_CAPTION_P`` of the captions ('a star
+    above two circles'), as people often describe a scene: such captions can only be matched to their
+    image by its shapes, which the contrastive loss would otherwise never need.
     """
     order = [int(i) for i in rng.permutation(len(groups))]
     with_size = bool(rng.random() < 0.5)
+    shapes_distinct = len({spec.shape for spec, _ in groups}) == len(groups)
+    with_color = not (shapes_distinct and rng.random() < COLORLESS_CAPTION_P)
     phrases = [
         noun_phrase(
-            groups[i][1], groups[i][0].shape, groups[i][0].color, groups[i][0].size if with_size else None
+            groups[i][1],
+            groups[i][0].shape,
+            groups[i][0].color if with_color else None,
+            groups[i][0].size if with_size else None,
         )
         for i in order
     ]

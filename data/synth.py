@@ -61,6 +61,7 @@ from .world import (
     COLORS,
     SHAPE_NAMES,
     SIZE_RANGES,
+    check_object_scale,
     sample_scene,
     single_object_scene,
 )
@@ -88,7 +89,7 @@ OUTPUT_ENTRIES: tuple[str, ...] = (
 )
 # Independent random streams: rng([seed, stream, ...]).
 _STREAM_WORLD, _STREAM_CLASSIFY, _STREAM_GENEVAL = 0, 1, 2
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WORLD_NAME = "unitok-synthetic-world"
 STAGING_PREFIX = ".synth-staging-"
 COMMIT_MARKER = ".synth-commit.json"
@@ -106,6 +107,9 @@ class SynthConfig:
     test_fraction: float = 0.05
     shard_size: int = 1000
     max_objects: int = 4
+    # Object widths as a multiple of the size classes' ranges (world.SIZE_RANGES): 1.3 draws larger shapes,
+    # whose outlines cover more of a 64 px image.
+    object_scale: float = 1.0
     classify_per_class: int = 20
     geneval_per_tag: dict[str, int] = field(default_factory=lambda: dict(GENEVAL_TAG_COUNTS))
 
@@ -126,6 +130,7 @@ class SynthConfig:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if not 1 <= self.max_objects <= 4:
             raise ValueError(f"max_objects must be in 1..4, got {self.max_objects}")
+        check_object_scale(self.object_scale)
         if self.classify_per_class < 0:
             raise ValueError(f"classify_per_class must be >= 0, got {self.classify_per_class}")
         unknown = set(self.geneval_per_tag) - set(GENEVAL_TAGS)
@@ -179,7 +184,7 @@ def _world_record(
 ) -> tuple[dict, list[tuple[str, str]], Image.Image]:
     """Scene ``index``: its JSON record, its LLaVA turns and the rendered PIL image."""
     rng = np.random.default_rng([config.seed, _STREAM_WORLD, index])
-    scene, groups = sample_scene(rng, config.size, config.max_objects)
+    scene, groups = sample_scene(rng, config.size, config.max_objects, config.object_scale)
     text = caption(scene, groups, rng)
     qa = questions(scene, rng)
     turns = [(f"{item['question']}\n{SHORT_ANSWER_PROMPT}", item["answer"]) for item in qa]
@@ -239,7 +244,9 @@ def _run_classify(task: _ClassifyTask) -> int:
     for index in range(task.start, task.stop):
         rng = np.random.default_rng([task.config.seed, _STREAM_CLASSIFY, attr_id, split_id, index])
         name = classes[index % len(classes)]
-        scene = single_object_scene(rng, task.config.size, **{task.attribute: name})
+        scene = single_object_scene(
+            rng, task.config.size, object_scale=task.config.object_scale, **{task.attribute: name}
+        )
         path = out / "classify" / task.attribute / task.split / name / f"{index:06d}.png"
         path.write_bytes(encode_png(scene.render()))
     return task.stop - task.start
@@ -477,7 +484,7 @@ def _metadata(config: SynthConfig, files: dict, prompts: list[dict]) -> dict:
         },
         "shapes": list(SHAPE_NAMES),
         "colors": {name: list(COLORS[name]) for name in COLOR_NAMES},
-        "sizes": {name: list(r) for name, r in SIZE_RANGES.items()},
+        "sizes": {name: [v * config.object_scale for v in r] for name, r in SIZE_RANGES.items()},
         "backgrounds": list(BACKGROUND_KINDS),
         "qa_kinds": list(QA_KINDS),
         "classify": classify,
@@ -569,6 +576,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="objects per image, at most (1..4, default %(default)s)",
     )
     p.add_argument(
+        "--object-scale",
+        type=float,
+        default=defaults.object_scale,
+        help="object widths as a multiple of the size classes' (default %(default)s)",
+    )
+    p.add_argument(
         "--classify-per-class",
         type=int,
         default=defaults.classify_per_class,
@@ -602,6 +615,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             test_fraction=args.test_fraction,
             shard_size=args.shard_size,
             max_objects=args.max_objects,
+            object_scale=args.object_scale,
             classify_per_class=args.classify_per_class,
             geneval_per_tag=per_tag,
         )

@@ -46,6 +46,15 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 # Size classes as the width of the object's box, in fractions of the image side.
 SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.18, 0.24), "large": (0.28, 0.36)}
 SIZE_NAMES: tuple[str, ...] = tuple(SIZE_RANGES)
+# The largest multiple of SIZE_RANGES that still leaves room for four objects of the large class.
+MAX_OBJECT_SCALE = 1.5
+
+
+def check_object_scale(scale: float) -> None:
+    """Raise ValueError unless ``0 < scale <= MAX_OBJECT_SCALE`` (a multiple of the size classes' widths)."""
+    if not 0 < scale <= MAX_OBJECT_SCALE:
+        raise ValueError(f"object scale must be in (0, {MAX_OBJECT_SCALE}], got {scale}")
+
 
 # Backgrounds: grey levels and per-channel tints chosen so that every background colour is at least
 # 90 RGB units (Euclidean) from every object colour; noise (sigma 4 per channel) is added on top at
@@ -403,14 +412,17 @@ def place_objects(
     image_size: int,
     accept: Callable[[tuple[SceneObject, ...]], bool] | None = None,
     max_restarts: int = 60,
+    scale: float = 1.0,
 ) -> tuple[SceneObject, ...]:
     """Give every spec a box inside the image so that no two boxes come closer than a small gap.
 
-    Widths are drawn from the spec's size class; boxes keep a margin to the image border and a gap of
-    ``max(2, 0.05 * S)`` pixels between each other. ``accept(objects) -> bool`` is an extra constraint
-    on a full placement (e.g. a spatial relation). After every 10 failed attempts the sizes shrink by
-    10%, which always lets up to four objects fit. Raises RuntimeError when nothing fits.
+    Widths are drawn from the spec's size class (``SIZE_RANGES``, times ``scale``); boxes keep a margin to
+    the image border and a gap of ``max(2, 0.05 * S)`` pixels between each other. ``accept(objects) ->
+    bool`` is an extra constraint on a full placement (e.g. a spatial relation). After every 10 failed
+    attempts the sizes shrink by 10%, which always lets up to four objects fit (for ``scale`` up to
+    ``MAX_OBJECT_SCALE``). Raises RuntimeError when nothing fits.
     """
+    check_object_scale(scale)
     gap = max(2.0, 0.05 * image_size)
     margin = max(1.0, 0.03 * image_size)
     shrink = 1.0
@@ -420,7 +432,7 @@ def place_objects(
         placed: list[SceneObject] = []
         for spec in specs:
             lo, hi = SIZE_RANGES[spec.size]
-            width = float(rng.uniform(lo, hi)) * image_size * shrink
+            width = float(rng.uniform(lo, hi)) * image_size * scale * shrink
             height = width * SHAPES[spec.shape].aspect
             box = _free_box(rng, width, height, image_size, margin, gap, [o.box for o in placed])
             if box is None:
@@ -487,9 +499,12 @@ def sample_groups(rng: np.random.Generator, max_objects: int = 4) -> list[tuple[
 
 
 def sample_scene(
-    rng: np.random.Generator, image_size: int = 64, max_objects: int = 4
+    rng: np.random.Generator, image_size: int = 64, max_objects: int = 4, object_scale: float = 1.0
 ) -> tuple[Scene, list[tuple[ObjectSpec, int]]]:
-    """Draw a random scene; returns it with the groups it was built from (for the captions)."""
+    """Draw a random scene; returns it with the groups it was built from (for the captions).
+
+    ``object_scale`` multiplies the object widths of every size class (see ``place_objects``).
+    """
     if image_size < 32:
         raise ValueError(
             f"image_size must be at least 32 pixels to hold recognisable shapes, got {image_size}"
@@ -498,16 +513,20 @@ def sample_scene(
         raise ValueError(f"max_objects must be in 1..4, got {max_objects}")
     groups = sample_groups(rng, max_objects)
     specs = [spec for spec, count in groups for _ in range(count)]
-    objects = place_objects(rng, specs, image_size)
+    objects = place_objects(rng, specs, image_size, scale=object_scale)
     return Scene(image_size, objects, sample_background(rng)), groups
 
 
 def single_object_scene(
-    rng: np.random.Generator, image_size: int, shape: str | None = None, color: str | None = None
+    rng: np.random.Generator,
+    image_size: int,
+    shape: str | None = None,
+    color: str | None = None,
+    object_scale: float = 1.0,
 ) -> Scene:
     """A scene with one object; shape and colour drawn uniformly unless given (for classification sets)."""
     shape = shape if shape is not None else SHAPE_NAMES[int(rng.integers(len(SHAPE_NAMES)))]
     color = color if color is not None else COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
     size = SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))]
-    objects = place_objects(rng, [ObjectSpec(shape, color, size)], image_size)
+    objects = place_objects(rng, [ObjectSpec(shape, color, size)], image_size, scale=object_scale)
     return Scene(image_size, objects, sample_background(rng))

@@ -49,16 +49,21 @@ logger = logging.getLogger(__name__)
 
 RUN_PRESET = "unitok-tiny-synth"
 RESULT_FILE = "result.json"
-# The recipe the tiny runs need against codebook collapse (entropy regulariser, higher learning rate).
-RECIPE = ("model.overrides.entropy_weight=0.1", "optim.lr=3e-3")
-# The base quantizer of every variant: the unitok-tiny preset's, spelled out so each run is self-describing.
+# The quick start's recipe (run preset unitok-tiny-synth), spelled out so each run is self-describing: the
+# entropy regulariser against codebook collapse at this learning rate.
+RECIPE = ("model.overrides.entropy_weight=0.1", "optim.lr=1e-3")
+# The base quantizer of every variant: the quick start's tokenizer (8 sub-codebooks x 256 entries x 8 dims,
+# the release's code shape), spelled out so each run is self-describing.
 BASE_MODEL = {
     "quantizer": "mcq",
     "num_codebooks": 8,
     "vocab_size": 2048,
-    "vocab_width": 32,
+    "vocab_width": 64,
     "quant_proj": "attn",
 }
+# The default budget: the quick start's (1200 steps x batch 16).
+DEFAULT_STEPS = 1200
+DEFAULT_BATCH = 16
 ZERO_SHOT_ATTRIBUTES = ("shape", "color")
 FINDINGS = ("mcq-vs-rq", "codebooks", "supervision", "projection")
 # What the paper reports for each finding (arXiv 2502.20321; ImageNet, 256 px, UniTok-L scale).
@@ -105,12 +110,12 @@ def _model(**fields) -> tuple[str, ...]:
 BASE = Variant("base", "base", _model())
 VARIANTS: dict[str, tuple[Variant, ...]] = {
     "mcq-vs-rq": (
-        Variant("MCQ 8 x 256 x 8-d", "mcq-d64", _model(vocab_width=64)),
-        Variant("RQ 8 levels x 256 x 64-d", "rq-d64", _model(vocab_width=64, quantizer="rq")),
+        Variant("MCQ 8 x 256 x 8-d, base", BASE.run, BASE.overrides),
+        Variant("RQ 8 levels x 256 x 64-d", "rq-d64", _model(quantizer="rq")),
     ),
     "codebooks": (
-        *(Variant(f"{k} x {2048 // k} (d={32 // k})", f"k{k}", _model(num_codebooks=k)) for k in (1, 2, 4)),
-        Variant("8 x 256 (d=4), base", BASE.run, BASE.overrides),
+        *(Variant(f"{k} x {2048 // k} (d={64 // k})", f"k{k}", _model(num_codebooks=k)) for k in (1, 2, 4)),
+        Variant("8 x 256 (d=8), base", BASE.run, BASE.overrides),
     ),
     "supervision": (
         Variant(
@@ -244,6 +249,7 @@ def evaluate_run(final_dir: Path, world: Path, split: str, max_images: int | Non
         "zero_shot_top1": {attribute: result["top1"] for attribute, result in zero_shot.items()},
         "zero_shot_images": {attribute: result["num_images"] for attribute, result in zero_shot.items()},
         "eval_images_per_second": recon["images_per_second"],
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
@@ -644,7 +650,8 @@ def render_markdown(report: dict) -> str:
         "",
         "## Setup",
         "",
-        f"- Model: `unitok-tiny` (ViTamin-style encoder of width 128 with 2 ViT blocks, a 2-block decoder) at "
+        f"- Model: `unitok-tiny` as the run preset sets it (ViTamin-style encoder of width 128 with 2 ViT blocks, "
+        "a 2-block decoder) at "
         f"{setup['image_size']} px: a 4x4 code grid. Paper: UniTok-L at 256 px on DataComp-1B, a 16x16 grid.",
         f"- Data: the built-in synthetic world `{setup['world']}` (train split for training; the held-out "
         f"`{setup['split']}` split for every metric: {setup['num_eval_images']} image-caption pairs for "
@@ -653,7 +660,7 @@ def render_markdown(report: dict) -> str:
         f"- Budget, the same for every run: {budget['steps']} steps x batch {budget['batch_size']} = "
         f"{budget['steps'] * budget['batch_size']:,} images seen (about "
         f"{budget['steps'] * budget['batch_size'] / setup['train_images']:.2f} epochs of "
-        f"{setup['train_images']:,} training images), fp32 on CPU, {budget['threads']} torch thread; every "
+        f"{setup['train_images']:,} training images), fp32 on CPU, {budget['threads']} torch thread per run; every "
         f"variant trained once per seed ({', '.join(str(x) for x in budget['seeds'])}): {setup['num_runs']} runs. "
         "Wall time per run is in the tables (the machine was shared with other jobs, so it is noisy).",
         f"- Recipe: preset `{RUN_PRESET}` with `" + "`, `".join(RECIPE) + "` (against codebook collapse at "
@@ -668,7 +675,7 @@ def render_markdown(report: dict) -> str:
         "- Tables show the mean over seeds ± half the range (max - min) where there are several seeds. A "
         f"difference is called a tie when it is below {TIE_PSNR_DB} dB PSNR or {100 * TIE_ACCURACY:.0f} "
         "zero-shot points, or below the largest range over seeds of the rows compared.",
-        "- Scale: a model of about 4.4 M parameters (UniTok-L: 820 M) that sees "
+        f"- Scale: a model of about {_parameters(report) / 1e6:.1f} M parameters (UniTok-L: 820 M) that sees "
         f"{budget['steps'] * budget['batch_size']:,} images (the paper: billions), judged on a synthetic world; "
         "a disagreement below is a statement about this scale and budget, not a refutation of the paper.",
         f"- Machine: {setup['machine']}. Sweep wall time: {setup['total_seconds'] / 60:.1f} min "
@@ -709,6 +716,15 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _parameters(report: dict) -> float:
+    """Parameters of the base run's model (0 when no base run is in the report)."""
+    for block in report["findings"].values():
+        for row in block["rows"]:
+            if row["run"] == BASE.run:
+                return float(row["runs"][0]["eval"].get("parameters", 0))
+    return 0.0
+
+
 def _zero_shot_note(report: dict) -> list[str]:
     """A warning when shape zero-shot stayed near chance in every run (then colour carries the comparisons)."""
     shapes = [
@@ -739,8 +755,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "world): train each variant with the same budget, evaluate on held-out data, write OUT/ABLATIONS.md.",
     )
     p.add_argument("--finding", choices=("all", *FINDINGS), default="all")
-    p.add_argument("--steps", type=int, default=400, help="training steps per run (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch per step (default %(default)s)")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help="training steps per run (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH, help="training batch per step (default %(default)s)"
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -749,6 +769,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="train every variant once per seed; tables show the mean and half the range (default 0 1)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process with --threads threads (default %(default)s; "
+        "a 2-core machine trains two 1-thread runs side by side)",
+    )
     p.add_argument(
         "--world",
         default="runs/world",
@@ -778,8 +805,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Entry point of ``unitok ablations``; returns 0 on success."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or args.threads < 1 or args.eval_batch_size < 1:
-        parser.error("--steps, --batch-size, --threads and --eval-batch-size must be >= 1")
+    if min(args.steps, args.batch_size, args.threads, args.jobs, args.eval_batch_size) < 1:
+        parser.error("--steps, --batch-size, --threads, --jobs and --eval-batch-size must be >= 1")
     if args.max_eval_images is not None and args.max_eval_images < 1:
         parser.error("--max-eval-images must be >= 1")
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
@@ -801,6 +828,52 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     return 0
 
 
+def _run_in_worker(
+    variant: Variant, out_dir: Path, world: Path, budget: Budget, args: argparse.Namespace
+) -> dict:
+    """``run_variant`` in a worker process, with the sweep's thread count and logging."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(budget.threads)
+    return run_variant(
+        variant, out_dir, world, budget, args.extra, args.split, args.max_eval_images, args.eval_batch_size
+    )
+
+
+def _train_parallel(
+    args: argparse.Namespace, world: Path, out_dir: Path, pending: dict[tuple[str, int], Variant]
+) -> dict[tuple[str, int], dict]:
+    """Train and evaluate ``pending`` runs in ``args.jobs`` spawned processes; a failed run fails the sweep
+    after the others finish (each resumes from its checkpoint on the next invocation)."""
+    import concurrent.futures
+    import multiprocessing
+
+    done: dict[tuple[str, int], dict] = {}
+    errors: list[str] = []
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = {
+            pool.submit(
+                _run_in_worker,
+                variant,
+                out_dir,
+                world,
+                Budget(args.steps, args.batch_size, seed, args.threads),
+                args,
+            ): (run, seed)
+            for (run, seed), variant in pending.items()
+        }
+        for future in concurrent.futures.as_completed(futures):
+            key = futures[future]
+            try:
+                done[key] = future.result()
+                logger.info("%s (seed %d): done", *key)
+            except Exception as err:  # reported together below; the other runs keep going
+                errors.append(f"{key[0]} (seed {key[1]}): {type(err).__name__}: {err}")
+    if errors:
+        raise RuntimeError("runs failed (rerun the same command to resume them): " + "; ".join(errors))
+    return done
+
+
 def run_sweep(args: argparse.Namespace, world: Path, prog: str, argv: list[str] | None) -> dict:
     """Train and evaluate every run the chosen findings need (each variant once per seed); write the JSON and
     markdown reports."""
@@ -810,6 +883,10 @@ def run_sweep(args: argparse.Namespace, world: Path, prog: str, argv: list[str] 
     doc_path = Path(args.doc) if args.doc else out_dir / "ABLATIONS.md"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else None
     results: dict[tuple[str, int], dict] = {}
+    if args.jobs > 1:
+        # Distinct runs first, several at a time; the loop below then reuses their result.json.
+        pending = {(v.run, seed): v for finding in findings for v in VARIANTS[finding] for seed in args.seeds}
+        results.update(_train_parallel(args, world, out_dir, pending))
     report_findings = {}
     for finding in findings:
         rows = []

@@ -30,8 +30,16 @@ logger = logging.getLogger("unitok.quickstart")
 
 RUN_CONFIG = "unitok-tiny-synth"
 # The quick start's world (fields of unitok.data.synth.SynthConfig): every shape and colour, 1-3 objects,
-# 64 px; 7200 train / 400 val / 400 test scenes and 40 single-object scenes per class and split.
-WORLD: dict = {"num_images": 8000, "size": 64, "seed": 0, "max_objects": 3, "classify_per_class": 40}
+# 64 px, objects 1.3x the default widths (so outlines cover more of the image); 7200 train / 400 val / 400
+# test scenes and 40 single-object scenes per class and split.
+WORLD: dict = {
+    "num_images": 8000,
+    "size": 64,
+    "seed": 0,
+    "max_objects": 3,
+    "object_scale": 1.3,
+    "classify_per_class": 40,
+}
 STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "generation", "report")
 # Folders (under --out) that a stage's command writes and resumes from; ``--stage NAME`` clears its folder.
 # (The tokenizer stage resumes or re-evaluates its run; remove ``tokenizer/`` to train it again.)
@@ -222,6 +230,7 @@ class Pipeline:
                 self.world, synth
             )
         meta = json.loads((self.world / "metadata.json").read_text())
+        _check_world(self.world, meta, synth)
         return {"path": str(self.world), "config": meta.get("config"), "splits": meta.get("splits")}
 
     def stage_tokenizer(self) -> dict:
@@ -325,6 +334,31 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+class WorldMismatchError(ValueError):
+    """The world under --out is not the one the quick start asks for."""
+
+
+def _check_world(world: Path, meta: dict, synth) -> None:
+    """Raise WorldMismatchError when the world on disk is not the one asked for (another format or config).
+
+    Every later stage was trained or measured on that world, so it is neither reused silently nor replaced
+    under them: the message says which fields differ and how to start over.
+    """
+    from dataclasses import asdict
+
+    from unitok.data.synth import FORMAT_VERSION
+
+    expected = {"format_version": FORMAT_VERSION, **asdict(synth)}
+    found = {"format_version": meta.get("format_version"), **(meta.get("config") or {})}
+    differ = sorted(k for k in expected if found.get(k) != expected[k])
+    if differ:
+        detail = ", ".join(f"{k}: {found.get(k)!r} on disk, {expected[k]!r} asked for" for k in differ)
+        raise WorldMismatchError(
+            f"{world} holds another synthetic world than this quick start asks for ({detail}); the models "
+            f"under {world.parent} were trained on it. Pass a new --out, or remove {world.parent} to start over."
+        )
 
 
 def _evaluate_tokenizer(final_dir: Path, world: Path, report_dir: Path, eval_images: int) -> dict:
@@ -558,7 +592,11 @@ def write_report(out: Path, records: dict[str, dict]) -> Path:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = Pipeline(args).run()
+    try:
+        report = Pipeline(args).run()
+    except WorldMismatchError as err:
+        logger.error("%s", err)
+        return 2
     print(report.read_text())
     print(f"report written to {report}")
     return 0

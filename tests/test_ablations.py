@@ -53,7 +53,8 @@ def test_projection_sweep_writes_reports_and_reuses_runs(world, tmp_path, monkey
     argv = ["--finding", "projection", "--steps", "2", "--batch-size", "4", "--world", str(world)]
     argv += ["--max-eval-images", "6", "--eval-batch-size", "4", "--out", str(out), "--doc", str(doc)]
     argv += ["--json", str(report), *(a for o in TINY for a in ("--set", o))]
-    assert main(argv) == 0
+    # The two runs train side by side in two spawned processes.
+    assert main([*argv, "--jobs", "2"]) == 0
 
     data = json.loads(report.read_text())
     rows = data["findings"]["projection"]["rows"]

@@ -24,8 +24,11 @@ from unitok.data.synth import SynthConfig, generate_world, main
 from unitok.data.world import (
     COLOR_NAMES,
     COLORS,
+    MAX_OBJECT_SCALE,
     SHAPE_NAMES,
     SHAPES,
+    SIZE_RANGES,
+    ObjectSpec,
     SceneObject,
     relations,
     render_array,
@@ -127,6 +130,32 @@ def test_world_covers_its_attributes():
     assert {k[1] for k in seen if k[0] == "size"} == {"small", "large"}
 
 
+def test_object_scale_draws_larger_objects_that_still_fit():
+    def widths(scale: float) -> list[float]:
+        out = []
+        for i in range(200):
+            scene, _ = sample_scene(np.random.default_rng([5, i]), 64, object_scale=scale)
+            for o in scene.objects:
+                assert 0 <= o.box[0] < o.box[2] <= 64 and 0 <= o.box[1] < o.box[3] <= 64
+            out += [o.box[2] - o.box[0] for o in scene.objects]
+        return out
+
+    base, large, largest = widths(1.0), widths(1.3), widths(MAX_OBJECT_SCALE)
+    # The same draws, scaled (placements that had to shrink to fit shrink a little more).
+    assert 1.2 < np.mean(large) / np.mean(base) <= 1.3 + 1e-6
+    assert np.mean(largest) > np.mean(large)
+    for bad in (0.0, -1.0, MAX_OBJECT_SCALE + 0.1):
+        with pytest.raises(ValueError, match="object scale"):
+            SynthConfig(object_scale=bad)
+
+
+def test_world_metadata_records_the_scaled_sizes(tmp_path):
+    meta = generate_world(tmp_path / "w", SynthConfig(object_scale=1.25, **SMALL), workers=1)
+    assert meta["config"]["object_scale"] == 1.25
+    for name, (lo, hi) in SIZE_RANGES.items():
+        assert meta["sizes"][name] == pytest.approx([1.25 * lo, 1.25 * hi])
+
+
 # --- the analyser -----------------------------------------------------------------------------------
 
 
@@ -223,34 +252,37 @@ def test_questions_are_answered_by_the_ground_truth():
 
 
 def test_captions_name_every_group_and_true_relations():
-    relation_seen = 0
+    relation_seen = colorless = 0
     for scene, groups, rng in _scenes(300):
         text = caption(scene, groups, rng)
-        for spec, count in groups:
+        with_color = any(re.search(rf"\b{spec.color}\b", text) for spec, _ in groups)
+        if not with_color:
+            # Colours go unsaid only where the shapes alone tell the groups apart.
+            colorless += 1
+            assert len({spec.shape for spec, _ in groups}) == len(groups), text
+
+        def phrase(spec: ObjectSpec, count: int, with_color: bool = with_color) -> str:
             noun = spec.shape if count == 1 else SHAPES[spec.shape].plural
+            return f"{spec.color} {noun}" if with_color else noun
+
+        for spec, count in groups:
             quantity = "an?" if count == 1 else NUMBER_WORDS[count]
-            assert re.search(rf"\b{quantity} (?:(?:small|large) )?{spec.color} {noun}\b", text), (
+            assert re.search(rf"\b{quantity} (?:(?:small|large) )?{phrase(spec, count)}\b", text), (
                 text,
                 spec,
                 count,
             )
-        for rel, phrase in RELATION_PHRASES.items():
-            if f" {phrase} " in text:
+        for rel, phrase_text in RELATION_PHRASES.items():
+            if f" {phrase_text} " in text:
                 relation_seen += 1
-                left, right = text.split(f" {phrase} ")
-                ga = next(
-                    s
-                    for s, _ in groups
-                    if f"{s.color} {s.shape}" in left or f"{s.color} {SHAPES[s.shape].plural}" in left
-                )
-                gb = next(
-                    s
-                    for s, _ in groups
-                    if f"{s.color} {s.shape}" in right or f"{s.color} {SHAPES[s.shape].plural}" in right
-                )
+                left, right = text.split(f" {phrase_text} ")
+                ga = next(s for s, n in groups if re.search(rf"\b{phrase(s, n)}\b", left))
+                gb = next(s for s, n in groups if re.search(rf"\b{phrase(s, n)}\b", right))
                 for a in (o for o in scene.objects if (o.shape, o.color) == (ga.shape, ga.color)):
                     for b in (o for o in scene.objects if (o.shape, o.color) == (gb.shape, gb.color)):
                         assert rel in relations(a.box, b.box), text
+    # About COLORLESS_CAPTION_P of the scenes with distinct shapes (most of them) say no colour.
+    assert 50 < colorless < 150
     assert relation_seen > 20
 
 

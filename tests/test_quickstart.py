@@ -20,7 +20,7 @@ SECTIONS = (
 )
 
 
-def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
+def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
     out = tmp_path / "qs"
     argv = [
         "--out", str(out), "--num-images", "120", "--steps", "2", "--eval-images", "8",
@@ -63,3 +63,8 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys):
     after = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
     assert [s for s in quickstart.STAGES if after[s] != before[s]] == ["vqa", "report"]
     assert "report written to" in capsys.readouterr().out
+
+    # A world on disk of another config is neither reused nor replaced under the models trained on it.
+    assert quickstart.main([*argv, "--world", "max_objects=2"]) == 2
+    assert {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES} == after
+    assert "max_objects: 3 on disk, 2 asked for" in caplog.text
