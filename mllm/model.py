@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,14 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
-    LlamaConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -43,6 +39,17 @@ from unitok.mllm.chat import answer, chat, chat_stream
 from unitok.mllm.config import MLLMConfig
 from unitok.mllm.depth_head import DepthHead, LlamaDepthHead
 from unitok.mllm.generation import GeneratedImages, generate_images
+from unitok.mllm.images import check_pixels, expand_to_square
+from unitok.mllm.loading import (
+    _dtype_kwargs,
+    _replace_dir,
+    _resolve,
+    _resolve_llm,
+    base_llm_state_dict,
+    load_llm,
+    load_unitok,
+    resolve_checkpoint,
+)
 from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
@@ -67,92 +74,6 @@ class MLLMOutput:
     num_code_targets: int
     z_loss: torch.Tensor | None = None
     """``mean(max_logit^2)`` over the sub-code logits (reported always; weighted in only with ``z_loss_weight``)."""
-
-
-def _resolve(path: str, base_dir: Path | None) -> str:
-    """A path relative to a checkpoint directory if it exists there, else the path / hub id unchanged."""
-    if base_dir is not None and (base_dir / path).exists():
-        return str(base_dir / path)
-    return path
-
-
-def _dtype_kwargs(dtype: str) -> dict[str, torch.dtype]:
-    name = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return {name: getattr(torch, dtype)}
-
-
-def resolve_checkpoint(
-    path: str | Path, revision: str | None = None, cache_dir: str | Path | None = None
-) -> Path:
-    """A local checkpoint directory: ``path`` itself if it is one, else the Hub snapshot of the repo id ``path``.
-
-    ``huggingface_hub.snapshot_download`` honours ``HF_HUB_OFFLINE`` (then only the local cache is used).
-    """
-    local = Path(path)
-    if local.is_dir():
-        return local
-    text = str(path)
-    parts = text.split("/")
-    # A path whose first part is a local folder is a mistyped local path, not a Hub id.
-    if (
-        local.exists()
-        or len(parts) != 2
-        or not all(parts)
-        or text.startswith((".", "~", "/"))
-        or Path(parts[0]).is_dir()
-    ):
-        raise ValueError(f"{text} is neither a checkpoint directory nor a Hugging Face Hub id ('owner/name')")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        folder = snapshot_download(
-            repo_id=text, revision=revision, cache_dir=None if cache_dir is None else str(cache_dir)
-        )
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as err:
-        raise ValueError(
-            f"{text} is not a local checkpoint directory and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}: {err})"
-        ) from err
-    return Path(folder)
-
-
-def load_unitok(config: MLLMConfig, base_dir: Path | None = None) -> nn.Module:
-    """The UniTok named by ``config`` (a checkpoint, or a random-init preset)."""
-    from unitok.tokenizer import TokenizerConfig, UniTok
-
-    if config.unitok_preset is not None:
-        return UniTok(TokenizerConfig.preset(config.unitok_preset))
-    return UniTok.from_pretrained(_resolve(config.unitok, base_dir))
-
-
-def load_llm(
-    config: MLLMConfig, tokenizer: PreTrainedTokenizerBase, base_dir: Path | None = None
-) -> PreTrainedModel:
-    """The causal LLM of ``config``: pretrained (path / hub id) or random-init from an inline LlamaConfig dict.
-
-    An inline config takes its vocabulary size and bos/eos/pad ids from ``tokenizer``.
-    """
-    if isinstance(config.llm, dict):
-        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        llm_config = LlamaConfig(
-            **{**config.llm, **ids, "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
-        )
-        return AutoModelForCausalLM.from_config(llm_config, **_dtype_kwargs(config.llm_dtype))
-    path = _resolve(config.llm, base_dir)
-    return AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=False, **_dtype_kwargs(config.llm_dtype)
-    )
-
-
-def base_llm_state_dict(peft_llm: nn.Module) -> dict[str, torch.Tensor]:
-    """The base-model weights of a peft-wrapped LLM under their original names (adapter tensors dropped)."""
-    out = {}
-    for key, value in peft_llm.get_base_model().state_dict().items():
-        if "lora_" in key or "trainable_tokens_" in key:
-            continue
-        out[key.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")] = value
-    return out
 
 
 class UniTokMLLM(nn.Module):
@@ -821,43 +742,6 @@ class UniTokMLLM(nn.Module):
         return answer(self, images_or_codes, questions, max_new_tokens, stream, temperature, top_p, use_cache)
 
 
-def check_pixels(img: torch.Tensor) -> torch.Tensor:
-    """An image tensor [3,H,W] or [1,3,H,W] with finite values in [-1,1] -> [3,H,W] float32; else ``ValueError``."""
-    if img.ndim == 4 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim != 3 or img.shape[0] != 3:
-        raise ValueError(
-            f"expected an image [3,H,W] or [1,3,H,W] in [-1,1] or codes [h,w,K], got {list(img.shape)}"
-        )
-    if img.numel() == 0:
-        raise ValueError(f"expected a non-empty image, got shape {list(img.shape)}")
-    img = img.float()
-    if not bool(torch.isfinite(img).all()):
-        raise ValueError("the image tensor contains NaN or Inf values; expected finite pixels in [-1,1]")
-    lo, hi = float(img.min()), float(img.max())
-    if lo < -1.01 or hi > 1.01:
-        hint = " (it looks like 0-255 pixels: use img / 127.5 - 1)" if hi > 2 else ""
-        raise ValueError(f"expected pixel values in [-1,1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
-    return img.clamp(-1, 1)
-
-
-def expand_to_square(item: Any, background: tuple[int, int, int] = (122, 116, 104)) -> Any:
-    """The image padded to a square (centred) with ``background``: the released model's ``expand2square``."""
-    from PIL import Image
-
-    from unitok.data.transforms import to_rgb
-    from unitok.tokenizer.preprocess import _as_pil
-
-    image = to_rgb(_as_pil(item))
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 def _embedding(llm: nn.Module) -> nn.Embedding:
     """The LLM's input embedding table (also when peft wraps it to train some of its rows)."""
     return next(m for m in llm.get_input_embeddings().modules() if isinstance(m, nn.Embedding))
@@ -870,10 +754,6 @@ def _is_peft(llm: nn.Module) -> bool:
 def _cache_kwarg(decoder: nn.Module) -> str:
     # transformers 5 renamed ``past_key_values`` to ``cache``.
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _resolve_llm(config: MLLMConfig, path: Path) -> str | dict[str, Any]:
-    return config.llm if isinstance(config.llm, dict) else _resolve(config.llm, path)
 
 
 def _unchecked_vectors(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor | None:
@@ -914,14 +794,3 @@ def _mean_cross_entropy(logits_NC: torch.Tensor, targets_N: torch.Tensor) -> tor
     if targets_N.numel() == 0:
         return logits_NC.sum() * 0.0
     return F.cross_entropy(logits_NC.float(), targets_N)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` only once ``src`` is complete."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

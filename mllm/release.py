@@ -196,7 +196,7 @@ def load_release(
     """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from unitok.mllm.model import _dtype_kwargs
+    from unitok.mllm.loading import _dtype_kwargs
     from unitok.mllm.text_tokenizer import load_text_tokenizer
 
     path = Path(path)
@@ -326,7 +326,7 @@ def export_release(
     """
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    from unitok.mllm.model import _replace_dir
+    from unitok.mllm.loading import _replace_dir
 
     cfg = model.config
     if cfg.projector != "causal_attn" or cfg.depth_head != "llama" or cfg.use_lora or cfg.extend_vocab:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unitok.data.synth import SynthConfig, generate_world
-from unitok.scripts import ablations
+from unitok.scripts import ablations, ablations_report
 from unitok.scripts.ablations import VARIANTS, Budget, aggregate_row, main, run_variant, verdict
 
 TINY = ["model.overrides.image_size=32", "data.num_workers=0", "train.device=cpu"]
@@ -130,7 +130,7 @@ def test_aggregate_row_means_and_ranges_over_seeds():
     assert row["eval"]["psnr"] == pytest.approx(18.5) and row["spread"]["psnr"] == pytest.approx(1.0)
     assert row["eval"]["zero_shot_top1"] == pytest.approx({"shape": 0.3, "color": 0.4})
     assert row["spread"]["zero_shot"] == pytest.approx(0.1) and row["spread"]["zero_shot_color"] == 0
-    assert "| 18.50 ± 0.50 |" in ablations._fmt_row("projection", row)
+    assert "| 18.50 ± 0.50 |" in ablations_report._fmt_row("projection", row)
     # A 0.5 dB gain is a tie when the seeds of a row disagree by 1 dB.
     other = _row("y", 18.0, 0.3, 0.4)
     assert verdict("projection", [row, other])["claims"][0]["verdict"] == "tie: not reproduced"
