@@ -190,6 +190,9 @@ class Pipeline:
         return self.out / "stages" / f"{name}.json"
 
     def run(self) -> Path:
+        metadata = self.world / "metadata.json"
+        if metadata.is_file() and "world" not in self.rerun:
+            _check_world(self.world, json.loads(metadata.read_text()), self.synth)
         for name in STAGES:
             path = self._record_path(name)
             if name != "report" and path.is_file() and name not in self.rerun:
@@ -230,7 +233,6 @@ class Pipeline:
                 self.world, synth
             )
         meta = json.loads((self.world / "metadata.json").read_text())
-        _check_world(self.world, meta, synth)
         return {"path": str(self.world), "config": meta.get("config"), "splits": meta.get("splits")}
 
     def stage_tokenizer(self) -> dict:
