@@ -8,7 +8,7 @@ docs/ablations.json``):
 
 1. ``mcq-vs-rq``: multi-codebook vs residual quantization at the same code shape (D=64, K=8, V=256):
    quantization error and reconstruction.
-2. ``codebooks``: 1, 2, 4, 8 sub-codebooks at a fixed total of 2048 entries over a 32-dim latent.
+2. ``codebooks``: 1, 2, 4, 8 sub-codebooks at a fixed total of 2048 entries over a 64-dim latent.
 3. ``supervision``: reconstruction only, contrastive only, both.
 4. ``projection``: attention vs linear projection around the quantizer.
 
@@ -16,8 +16,8 @@ docs/ablations.json``):
 folders ``<out>/<run>/`` for seed 0 and ``<out>/<run>-seed<k>/`` for other seeds (trainer output, ``final/``
 weights, ``result.json``). A run whose ``result.json`` exists for the same budget is not trained again,
 and an interrupted run continues from its last checkpoint, so a killed sweep resumes by repeating its command.
-Variants that are the same model (the K=8 row, the "both" row and the attention row are the base recipe)
-share one run.
+Variants that are the same model (the MCQ row, the K=8 row, the "both" row and the attention row are the base
+recipe: the quick start's tokenizer) share one run. ``--jobs N`` trains N runs at a time, each in its own process.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ BASE_MODEL = {
     "vocab_width": 64,
     "quant_proj": "attn",
 }
-# The default budget: the quick start's (1200 steps x batch 16).
+# The default budget: 1200 steps x batch 16 (the quick start's batch; it trains 1400 steps).
 DEFAULT_STEPS = 1200
 DEFAULT_BATCH = 16
 ZERO_SHOT_ATTRIBUTES = ("shape", "color")

@@ -359,7 +359,7 @@ def _header(finding: str) -> list[str]:
 
 TITLES = {
     "mcq-vs-rq": "Finding 1: multi-codebook (MCQ) vs residual (RQ) quantization at the same code shape",
-    "codebooks": "Finding 2: number of sub-codebooks at a fixed total of 2048 entries (32-dim latent)",
+    "codebooks": "Finding 2: number of sub-codebooks at a fixed total of 2048 entries (64-dim latent)",
     "supervision": "Finding 3: reconstruction, contrastive, or both",
     "projection": "Finding 4: attention vs linear projection around the quantizer",
 }
