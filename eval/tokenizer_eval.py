@@ -325,7 +325,7 @@ def load_lpips(spec: str | None, image_size: int) -> nn.Module | None:
     return LPIPS(net="vgg", pretrained=True, min_size=LPIPS_MIN_SIZE)
 
 
-def load_model(model: str | None, preset: str | None, allow_unsafe_pickle: bool = False) -> nn.Module:
+def load_model(model: str | None, preset: str | None) -> nn.Module:
     """``--model`` (our directory format, a released ``.pth``, a trainer checkpoint ``checkpoints/step-N``
     or a run folder, whose newest checkpoint is used) or ``--preset`` (random weights, for smoke runs)."""
     from unitok.tokenizer import TokenizerConfig, UniTok
@@ -334,7 +334,7 @@ def load_model(model: str | None, preset: str | None, allow_unsafe_pickle: bool 
     if model is not None:
         if is_trainer_checkpoint(model):
             return load_checkpoint_model(model)
-        return UniTok.from_pretrained(model, allow_unsafe_pickle=allow_unsafe_pickle)
+        return UniTok.from_pretrained(model)
     logger.warning("evaluating a randomly initialised %s (no --model given)", preset)
     return UniTok(TokenizerConfig.preset(preset))
 
@@ -424,9 +424,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     src.add_argument(
         "--preset", choices=sorted(PRESETS), help="random-init model of this preset (smoke runs, benchmarks)"
-    )
-    p.add_argument(
-        "--allow-unsafe-pickle", action="store_true", help="fully unpickle a trusted released .pth"
     )
     p.add_argument(
         "--data", required=True, help="folder of images (recursive), image-text folder, or WebDataset shards"
@@ -531,7 +528,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     autocast_dtype = PRECISIONS[args.precision]
     progress = not args.no_progress
 
-    model = load_model(args.model, args.preset, args.allow_unsafe_pickle).to(device).eval()
+    model = load_model(args.model, args.preset).to(device).eval()
     image_size = args.image_size or model.config.image_size
     inception = load_inception(args.inception, args.fid_layer)
     lpips = load_lpips(args.lpips_weights, image_size)

@@ -158,11 +158,10 @@ def _atomic_write(path: Path, write) -> None:
 # The released pickle format
 
 
-def read_pickle(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True``; a pickle needing other classes is refused unless allowed.
-
-    ``allow_unsafe_pickle=True`` runs arbitrary code from the file: use it only for files you trust.
-    """
+def read_pickle(path: str | os.PathLike) -> Any:
+    """``torch.load`` with ``weights_only=True``: a pickle that needs classes outside torch's safe allow-list is
+    refused with a ``ValueError`` that names them (allow-list trusted ones with
+    ``torch.serialization.add_safe_globals`` and load again)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
@@ -175,20 +174,18 @@ def read_pickle(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> A
             raise ValueError(
                 f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}"
             ) from error
-        if not allow_unsafe_pickle:
-            raise ValueError(
-                f"{path} cannot be read with torch.load(weights_only=True): its pickle needs classes outside "
-                f"the safe allow-list ({str(error).splitlines()[0]}). If you trust the file, pass "
-                f"allow_unsafe_pickle=True (this executes code from the file)."
-            ) from error
+        needed = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(error)))) or ["(not named by torch)"]
+        raise ValueError(
+            f"{path} cannot be read with torch.load(weights_only=True): its pickle needs classes outside "
+            f"the safe allow-list: {', '.join(needed)}. If you trust the file, allow-list them with "
+            "torch.serialization.add_safe_globals([...]) and load it again; the released checkpoint needs none."
+        ) from error
     except (EOFError, OSError, RuntimeError) as error:
         # torch reports a cut zip archive as RuntimeError or OSError(22) and a cut pickle as EOFError, none
         # naming the file
         raise ValueError(
             f"{path} is not a readable torch checkpoint (truncated or corrupt?): {error}"
         ) from error
-    logger.warning("loading %s with weights_only=False (allow_unsafe_pickle=True)", path)
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _refused_by_weights_only(error: pickle.UnpicklingError) -> bool:
@@ -196,11 +193,9 @@ def _refused_by_weights_only(error: pickle.UnpicklingError) -> bool:
     return "weights only" in str(error).lower() or "weights_only" in str(error)
 
 
-def read_release_checkpoint(
-    path: str | os.PathLike, allow_unsafe_pickle: bool = False
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_release_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """A released-format ``.pth`` -> (``args`` dict, the UniTok state dict ``trainer.unitok``)."""
-    ckpt = read_pickle(path, allow_unsafe_pickle)
+    ckpt = read_pickle(path)
     if not (
         isinstance(ckpt, Mapping) and isinstance(ckpt.get("trainer"), Mapping) and "unitok" in ckpt["trainer"]
     ):

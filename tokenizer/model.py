@@ -348,7 +348,6 @@ class UniTok(nn.Module):
         cls,
         path: str | os.PathLike,
         config: TokenizerConfig | None = None,
-        allow_unsafe_pickle: bool = False,
         *,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -359,7 +358,7 @@ class UniTok(nn.Module):
         """Load our directory format, a released-format ``.pth`` or a Hub repository ``"owner/name"``, strictly.
 
         ``config`` overrides the architecture read from the checkpoint. Pickles are read with
-        ``weights_only=True``; ``allow_unsafe_pickle=True`` permits a full unpickle of a trusted file.
+        ``weights_only=True`` only (a file that needs other classes is refused, naming them).
         A ``path`` that is not a local file or folder but reads as ``owner/name`` is fetched from the Hugging
         Face Hub (our layout, or the released ``unitok_tokenizer.pth``) with ``revision``, ``cache_dir``,
         ``token``, ``force_download`` and ``local_files_only``; ``HF_HUB_OFFLINE=1`` uses the local cache only.
@@ -377,7 +376,7 @@ class UniTok(nn.Module):
         if path.is_dir():
             stored_config, state_dict = load_directory(path)
         elif path.is_file():
-            args, state_dict = read_release_checkpoint(path, allow_unsafe_pickle)
+            args, state_dict = read_release_checkpoint(path)
             stored_config = config or config_from_release_args(args)
         else:
             raise FileNotFoundError(
