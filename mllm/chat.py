@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from unitok.mllm.generation import check_sampling
 from unitok.mllm.sequence import TokenSequence, check_messages, pad_sequences
@@ -160,6 +161,7 @@ def answer(
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
+    stop: Sequence[str] = (),
 ) -> list[str] | Iterator[str]:
     """Image(s) + question -> answer text: one-turn :func:`chat` per question, run as one batch.
 
@@ -173,6 +175,9 @@ def answer(
         stream: yield the answer text piece by piece (one question only) instead of returning it.
         temperature, top_p: sampling (temperature 0 = greedy).
         use_cache: the LLM KV cache (False recomputes the prefix at each token; for tests).
+        stop: strings that end an answer: each answer stops being generated once its text (leading whitespace
+            removed, as in the returned answer) holds one of them, while the others of the batch go on. The stop
+            string itself may still be at the end of the returned text; the caller cuts it off.
 
     Returns:
         the answers (special tokens removed, stripped), or an iterator of text pieces when ``stream``.
@@ -184,6 +189,9 @@ def answer(
     _check_text_options(max_new_tokens, temperature, top_p)
     if stream and len(questions) != 1:
         raise ValueError(f"stream=True answers one question at a time, got {len(questions)}")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop must be non-empty strings, got {stop!r}")
     items = _per_question(images_or_codes, len(questions))
     placeholder = model.config.image_token
     for question in questions:
@@ -197,6 +205,8 @@ def answer(
     model.eval()
     try:
         kwargs = _generate_kwargs(model, seqs, max_new_tokens, temperature, top_p, use_cache)
+        if stop:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([StopAtText(model.text_tokenizer, stop)])
         if stream:
             return _stream(model, kwargs, was_training)
         with torch.no_grad():
@@ -205,6 +215,23 @@ def answer(
         if not stream:
             model.train(was_training)
     return _decode(model, out)
+
+
+class StopAtText(StoppingCriteria):
+    """Marks a row of a ``generate`` batch done once its new text, left-stripped, contains one of ``stop``.
+
+    ``generate`` on input embeddings hands the criterion only the new tokens; a finished row is then padded while
+    the rest of the batch goes on. Decoding a row's text costs microseconds next to an LLM step.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = [any(s in text.lstrip() for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _per_question(images_or_codes: Any, n: int) -> list[Any]:

@@ -30,6 +30,7 @@ import torch
 from einops import rearrange
 
 from unitok.mllm.sequence import pad_sequences
+from unitok.tokenizer.quantizer import unchecked_code_vectors
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -207,10 +208,8 @@ class StaticImageLoop:
 
     def _embed(self, model: UniTokMLLM, codes_RK: torch.Tensor) -> torch.Tensor:
         """The LLM input embedding [R,1,H] of the position just sampled."""
-        from unitok.mllm.model import _unchecked_vectors
-
         quantizer = model._quantizer()
-        vecs = _unchecked_vectors(quantizer, codes_RK[:, None])
+        vecs = unchecked_code_vectors(quantizer, codes_RK[:, None])
         if vecs is None:
             vecs = quantizer.codes_to_vectors(codes_RK[:, None])
         if self.merger_cache is not None:

@@ -1,8 +1,10 @@
 """Where the unified MLLM's parts come from and go to: checkpoint folders or Hub ids, the frozen UniTok, the
-LLM (pretrained or random-init from an inline Llama config), and folder replacement on save."""
+LLM (pretrained or random-init from an inline Llama config), and the checkpoint folder written on save (atomically)
+or uploaded to the Hub."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -11,10 +13,17 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from unitok.mllm.config import MLLMConfig
+from unitok.mllm.text_tokenizer import load_text_tokenizer
+
+# The checkpoint folder of a UniTokMLLM.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+LLM_DIR, ADAPTER_DIR, TEXT_TOKENIZER_DIR, UNITOK_DIR = "llm", "adapter", "text_tokenizer", "unitok"
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:
@@ -116,3 +125,123 @@ def _replace_dir(src: Path, dst: Path) -> None:
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model: Any, path: str | Path) -> None:
+    """Write ``model``'s (a ``UniTokMLLM``) checkpoint directory atomically (a temporary directory renamed into place).
+
+    Layout: ``config.json``; ``model.safetensors`` (projector + depth head); ``text_tokenizer/``;
+    ``llm/`` (the full LLM; with LoRA only a base that cannot be fetched again: an inline random-init one
+    or one loaded from inside a checkpoint); ``adapter/`` (LoRA adapter, incl. the rows of the new
+    tokens); ``unitok/`` (always: the checkpoint is self-contained). Relative paths in ``config.json``
+    resolve against the checkpoint directory first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        config = model.config.to_dict()
+        if model.config.use_lora:
+            model.llm.save_pretrained(str(tmp / ADAPTER_DIR))
+            if isinstance(model.config.llm, dict) or model.config.llm == LLM_DIR:
+                # A random-init base, or one that lives inside the checkpoint it was loaded from.
+                _save_base_llm(model.llm, tmp / LLM_DIR)
+                config["llm"] = LLM_DIR
+            else:
+                config["llm"] = model.llm_source
+        else:
+            model.llm.save_pretrained(str(tmp / LLM_DIR))
+            config["llm"] = LLM_DIR
+        model.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
+        config["text_tokenizer"] = TEXT_TOKENIZER_DIR
+        # The UniTok always travels inside the checkpoint: a checkpoint never depends on the current
+        # directory or on a file next to it.
+        model.unitok.save_pretrained(str(tmp / UNITOK_DIR))
+        config.update(unitok=UNITOK_DIR, unitok_preset=None)
+        tensors = {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+        tensors.update({f"depth_head.{k}": v for k, v in model.depth_head.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def push_checkpoint(
+    model: Any,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload UniTok MLLM",
+    release_layout: bool = False,
+) -> str:
+    """Save ``model``'s checkpoint (ours, or the released layout with ``release_layout``) and upload it to the Hub.
+
+    Returns the URL of the commit. Uses ``huggingface_hub.HfApi`` (its login / ``HF_TOKEN`` unless ``token``).
+    """
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkpoint"
+        if release_layout:
+            model.export_release(folder)
+        else:
+            save_checkpoint(model, folder)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))
+
+
+def _save_base_llm(peft_llm: nn.Module, path: Path) -> None:
+    """The base model under a LoRA ``peft_llm``, without the adapter, as a plain ``save_pretrained`` folder."""
+    base_config = peft_llm.get_base_model().config
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(base_config)
+    fresh.load_state_dict(base_llm_state_dict(peft_llm), strict=True, assign=True)
+    fresh.save_pretrained(str(path))
+
+
+def load_checkpoint(cls: type, path: Path, unitok: nn.Module | str | Path | None = None) -> Any:
+    """A ``cls`` (``UniTokMLLM``) from a local checkpoint folder of :func:`save_checkpoint`'s layout, strictly.
+
+    ``unitok`` (a UniTok, or the path of one) replaces the one inside the checkpoint.
+    """
+    if isinstance(unitok, (str, Path)):
+        from unitok.tokenizer import UniTok
+
+        unitok = UniTok.from_pretrained(unitok)
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{path} is not an MLLM checkpoint: no {CONFIG_NAME} (expected save_pretrained output)"
+        )
+    config = MLLMConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+    text_tokenizer = load_text_tokenizer(path / TEXT_TOKENIZER_DIR)
+    unitok = load_unitok(config, path) if unitok is None else unitok
+    if (path / ADAPTER_DIR).is_dir():
+        from peft import PeftModel
+
+        base = load_llm(config.replace(llm=_resolve_llm(config, path)), text_tokenizer)
+        if base.get_input_embeddings().num_embeddings != len(text_tokenizer):
+            base.resize_token_embeddings(len(text_tokenizer))
+        llm = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR), is_trainable=True)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(
+            str(path / LLM_DIR), trust_remote_code=False, **_dtype_kwargs(config.llm_dtype)
+        )
+    model = cls(config, llm, text_tokenizer, unitok)
+    state = load_file(str(path / WEIGHTS_NAME))
+    for name, module in (("projector", model.projector), ("depth_head", model.depth_head)):
+        prefix = f"{name}."
+        module.load_state_dict(
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
+        )
+    unexpected = [k for k in state if not k.startswith(("projector.", "depth_head."))]
+    if unexpected:
+        raise ValueError(f"unexpected tensors in {path / WEIGHTS_NAME}: {unexpected[:5]}")
+    return model

@@ -16,10 +16,7 @@ and is written back by :meth:`UniTokMLLM.export_release` (see :mod:`unitok.mllm.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import shutil
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
     DynamicCache,
     PreTrainedTokenizerBase,
 )
@@ -41,24 +36,21 @@ from unitok.mllm.depth_head import DepthHead, LlamaDepthHead
 from unitok.mllm.generation import GeneratedImages, generate_images
 from unitok.mllm.images import check_pixels, expand_to_square
 from unitok.mllm.loading import (
-    _dtype_kwargs,
-    _replace_dir,
     _resolve,
-    _resolve_llm,
-    base_llm_state_dict,
+    load_checkpoint,
     load_llm,
     load_unitok,
+    push_checkpoint,
     resolve_checkpoint,
+    save_checkpoint,
 )
 from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
+from unitok.tokenizer.quantizer import unchecked_code_vectors
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-LLM_DIR, ADAPTER_DIR, TEXT_TOKENIZER_DIR, UNITOK_DIR = "llm", "adapter", "text_tokenizer", "unitok"
 # UniTok downsamples images by 16 (contract: h = H / 16).
 UNITOK_DOWNSAMPLE = 16
 
@@ -248,80 +240,11 @@ class UniTokMLLM(nn.Module):
             return load_release(cls, path, unitok=unitok, **release_kwargs)
         if release_kwargs:
             raise ValueError(f"options {sorted(release_kwargs)} apply to the released layout only")
-        if isinstance(unitok, (str, Path)):
-            from unitok.tokenizer import UniTok
-
-            unitok = UniTok.from_pretrained(unitok)
-        if not (path / CONFIG_NAME).is_file():
-            raise ValueError(
-                f"{path} is not an MLLM checkpoint: no {CONFIG_NAME} (expected save_pretrained output)"
-            )
-        config = MLLMConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        text_tokenizer = load_text_tokenizer(path / TEXT_TOKENIZER_DIR)
-        unitok = load_unitok(config, path) if unitok is None else unitok
-        if (path / ADAPTER_DIR).is_dir():
-            from peft import PeftModel
-
-            base = load_llm(config.replace(llm=_resolve_llm(config, path)), text_tokenizer)
-            if base.get_input_embeddings().num_embeddings != len(text_tokenizer):
-                base.resize_token_embeddings(len(text_tokenizer))
-            llm = PeftModel.from_pretrained(base, str(path / ADAPTER_DIR), is_trainable=True)
-        else:
-            llm = AutoModelForCausalLM.from_pretrained(
-                str(path / LLM_DIR), trust_remote_code=False, **_dtype_kwargs(config.llm_dtype)
-            )
-        model = cls(config, llm, text_tokenizer, unitok)
-        state = load_file(str(path / WEIGHTS_NAME))
-        for name, module in (("projector", model.projector), ("depth_head", model.depth_head)):
-            prefix = f"{name}."
-            module.load_state_dict(
-                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
-            )
-        unexpected = [k for k in state if not k.startswith(("projector.", "depth_head."))]
-        if unexpected:
-            raise ValueError(f"unexpected tensors in {path / WEIGHTS_NAME}: {unexpected[:5]}")
-        return model
+        return load_checkpoint(cls, path, unitok)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write the checkpoint directory atomically (a temporary directory renamed into place).
-
-        Layout: ``config.json``; ``model.safetensors`` (projector + depth head); ``text_tokenizer/``;
-        ``llm/`` (the full LLM; with LoRA only a base that cannot be fetched again: an inline random-init one
-        or one loaded from inside a checkpoint); ``adapter/`` (LoRA adapter, incl. the rows of the new
-        tokens); ``unitok/`` (always: the checkpoint is self-contained). Relative paths in ``config.json``
-        resolve against the checkpoint directory first.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            config = self.config.to_dict()
-            if self.config.use_lora:
-                self.llm.save_pretrained(str(tmp / ADAPTER_DIR))
-                if isinstance(self.config.llm, dict) or self.config.llm == LLM_DIR:
-                    # A random-init base, or one that lives inside the checkpoint it was loaded from.
-                    self._save_base_llm(tmp / LLM_DIR)
-                    config["llm"] = LLM_DIR
-                else:
-                    config["llm"] = self.llm_source
-            else:
-                self.llm.save_pretrained(str(tmp / LLM_DIR))
-                config["llm"] = LLM_DIR
-            self.text_tokenizer.save_pretrained(str(tmp / TEXT_TOKENIZER_DIR))
-            config["text_tokenizer"] = TEXT_TOKENIZER_DIR
-            # The UniTok always travels inside the checkpoint: a checkpoint never depends on the current
-            # directory or on a file next to it.
-            self.unitok.save_pretrained(str(tmp / UNITOK_DIR))
-            config.update(unitok=UNITOK_DIR, unitok_preset=None)
-            tensors = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
-            tensors.update({f"depth_head.{k}": v for k, v in self.depth_head.state_dict().items()})
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write the checkpoint directory atomically; see :func:`unitok.mllm.loading.save_checkpoint`."""
+        save_checkpoint(self, path)
 
     def push_to_hub(
         self,
@@ -332,24 +255,15 @@ class UniTokMLLM(nn.Module):
         commit_message: str = "Upload UniTok MLLM",
         release_layout: bool = False,
     ) -> str:
-        """Save the checkpoint (ours, or the released layout with ``release_layout``) and upload it to the Hub.
-
-        Returns the URL of the commit. Uses ``huggingface_hub.HfApi`` (its login / ``HF_TOKEN`` unless ``token``).
-        """
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "checkpoint"
-            if release_layout:
-                self.export_release(folder)
-            else:
-                self.save_pretrained(folder)
-            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
-        return str(getattr(info, "commit_url", info))
+        """Save and upload to the Hub, returning the commit URL; see :func:`unitok.mllm.loading.push_checkpoint`."""
+        return push_checkpoint(
+            self,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            release_layout=release_layout,
+        )
 
     def export_release(
         self, path: str | Path, max_shard_size: int | str = "5GB", dtype: str | None = None
@@ -358,13 +272,6 @@ class UniTokMLLM(nn.Module):
         from unitok.mllm.release import export_release
 
         export_release(self, path, max_shard_size=max_shard_size, dtype=dtype)
-
-    def _save_base_llm(self, path: Path) -> None:
-        base_config = self.llm.get_base_model().config
-        with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(base_config)
-        fresh.load_state_dict(base_llm_state_dict(self.llm), strict=True, assign=True)
-        fresh.save_pretrained(str(path))
 
     @property
     def llm_source(self) -> str:
@@ -459,7 +366,7 @@ class UniTokMLLM(nn.Module):
 
         ``checked=False`` skips the code range check (a host sync) where the codes are known to be valid.
         """
-        vecs = None if checked else _unchecked_vectors(self._quantizer(), codes_BLK)
+        vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BLK)
         if self.config.projector == "mlp":
             if vecs is None:
                 return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
@@ -491,7 +398,7 @@ class UniTokMLLM(nn.Module):
             return self.embed_image(codes_BTK, checked=checked)
         if checked:
             return self.projector.step(codes_BTK, state)
-        return self.projector.project_step(_unchecked_vectors(self.projector.quantizer, codes_BTK), state)
+        return self.projector.project_step(unchecked_code_vectors(self.projector.quantizer, codes_BTK), state)
 
     def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B,T,H]: token embeddings, replaced at ``visual_mask`` by the projected codes [B,T,K].
@@ -737,9 +644,12 @@ class UniTokMLLM(nn.Module):
         temperature: float = 0.0,
         top_p: float = 1.0,
         use_cache: bool = True,
+        stop: Sequence[str] = (),
     ) -> list[str] | Iterator[str]:
         """Image(s) + question(s) -> answers (one-turn :meth:`chat`, batched); see :func:`unitok.mllm.chat.answer`."""
-        return answer(self, images_or_codes, questions, max_new_tokens, stream, temperature, top_p, use_cache)
+        return answer(
+            self, images_or_codes, questions, max_new_tokens, stream, temperature, top_p, use_cache, stop
+        )
 
 
 def _embedding(llm: nn.Module) -> nn.Embedding:
@@ -754,21 +664,6 @@ def _is_peft(llm: nn.Module) -> bool:
 def _cache_kwarg(decoder: nn.Module) -> str:
     # transformers 5 renamed ``past_key_values`` to ``cache``.
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def _unchecked_vectors(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor | None:
-    """Code vectors ``[..., D]`` of a multi-codebook quantizer without validating ``codes`` (no host sync).
-
-    Equal to ``quantizer.codes_to_vectors(codes)``: the same L2-normalised rows, gathered. ``None`` for other
-    quantizers (the caller falls back to the checked path).
-    """
-    from unitok.tokenizer.quantizer import MultiCodebookQuantizer
-
-    if not isinstance(quantizer, MultiCodebookQuantizer):
-        return None
-    table = F.normalize(quantizer.codebook.float(), dim=-1)  # [K,V,d]
-    k = torch.arange(table.shape[0], device=codes.device)
-    return table[k, codes].flatten(-2)
 
 
 def _visual_runs(visual_mask: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -155,3 +155,23 @@ def test_bad_loss_options_raise(changes):
 
     with pytest.raises(ValueError):
         MLLMConfig.preset("tiny", **changes)
+
+
+def test_answer_stops_each_row_at_its_stop_string(model):
+    from unitok.eval.lmms.models.unitok import cut_at_stop
+
+    grids = [random_codes(model, 4, 4, seed=s) for s in (2, 3)]
+    questions = ["what colour is the shape ?", "how many shapes are there ?"]
+    full = model.answer(torch.stack(grids), questions, max_new_tokens=16)
+    row = max(range(2), key=lambda i: len(full[i]))
+    other = 1 - row
+    assert len(full[row]) > 6, full
+    # A stop string that only the longer answer holds, a few characters into it.
+    candidates = [full[row][j : j + 2] for j in range(3, len(full[row]) - 2)]
+    stop = next(c for c in candidates if c.strip() and c not in full[other])
+    stopped = model.answer(torch.stack(grids), questions, max_new_tokens=16, stop=[stop])
+    assert stop in stopped[row] and len(stopped[row]) < len(full[row]) and full[row].startswith(stopped[row])
+    assert cut_at_stop(stopped[row], [stop]) == cut_at_stop(full[row], [stop])
+    assert stopped[other] == full[other]
+    with pytest.raises(ValueError, match="stop"):
+        model.answer(grids[0], questions[0], stop=[""])

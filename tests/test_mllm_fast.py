@@ -6,7 +6,7 @@ from mllm_helpers import one_thread, random_codes, tiny_mllm, tiny_release_mllm,
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from unitok.mllm.generation import generate_image_codes, sample_logits
-from unitok.mllm.model import _unchecked_vectors
+from unitok.tokenizer.quantizer import unchecked_code_vectors
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
 
@@ -28,7 +28,7 @@ def test_fast_greedy_loop_equals_the_eager_one(unitok, build):
     quantizer = (
         model.projector.quantizer if model.config.projector == "causal_attn" else model.unitok.quantizer
     )
-    assert torch.equal(_unchecked_vectors(quantizer, codes), quantizer.codes_to_vectors(codes))
+    assert torch.equal(unchecked_code_vectors(quantizer, codes), quantizer.codes_to_vectors(codes))
 
 
 class CountSyncs(TorchDispatchMode):

@@ -566,3 +566,16 @@ class ResidualQuantizer(_StackedCodebookQuantizer):
             entropy_loss = z_ND.new_zeros(())
         quantized_ND = _straight_through(q_KND.sum(dim=0), z_ND)
         return quantized_ND, codes_KN, loss, entropy_loss
+
+
+def unchecked_code_vectors(quantizer: nn.Module, codes: torch.Tensor) -> torch.Tensor | None:
+    """Code vectors ``[..., D]`` of a :class:`MultiCodebookQuantizer` without validating ``codes`` (no host sync).
+
+    Equal to ``quantizer.codes_to_vectors(codes)``: the same L2-normalised rows, gathered. ``None`` for other
+    quantizers (the caller falls back to the checked path).
+    """
+    if not isinstance(quantizer, MultiCodebookQuantizer):
+        return None
+    table = F.normalize(quantizer.codebook.float(), dim=-1)  # [K,V,d]
+    k = torch.arange(table.shape[0], device=codes.device)
+    return table[k, codes].flatten(-2)

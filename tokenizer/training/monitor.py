@@ -21,8 +21,11 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .config import LoggingSection
+from .distributed import DistInfo, all_reduce_sum
 
 log = logging.getLogger(__name__)
+
+Scalar = float | torch.Tensor
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -195,3 +198,31 @@ def _start_wandb(section: LoggingSection, output_dir: Path, run_config: dict[str
         config=run_config,
         resume="allow",
     )
+
+
+class RunningMeans:
+    """Sums of scalars (python floats or 0-dim tensors left on the device, so a step costs no host sync)
+    since the last reset; ``means`` averages them over additions and processes in one transfer."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Scalar] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, scalars: dict[str, Scalar]) -> None:
+        for key, value in scalars.items():
+            value = value.detach().double() if isinstance(value, torch.Tensor) else value
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def step_means(self) -> dict[str, Scalar]:
+        """Per-key means of this process only (still on the device)."""
+        return {key: self.sums[key] / self.counts[key] for key in self.sums}
+
+    def means(self, info: DistInfo) -> dict[str, float]:
+        """Means over additions and processes (a collective: every process must call it); resets the sums."""
+        keys = sorted(self.sums)
+        sums = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=info.device) for k in keys]
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float64, device=info.device)
+        packed = all_reduce_sum(torch.cat([torch.stack(sums), counts]), info).tolist()
+        self.sums, self.counts = {}, {}
+        return {k: packed[i] / packed[len(keys) + i] for i, k in enumerate(keys)}

@@ -33,13 +33,17 @@ def build_adamw(
 
     ``fused``: the fused kernel (one launch per step instead of a few per parameter tensor, and it can skip
     a non-finite step on the device); None picks it when every trainable parameter is on CUDA. On the CPU
-    the fused kernel rounds differently from the default one, so it stays opt-in there.
+    the fused kernel rounds differently from the default one, so it stays opt-in there; otherwise the
+    multi-tensor (``foreach``) update runs, bit-identical to the per-tensor loop and twice as fast on CPU
+    (torch picks it by itself only for CUDA tensors).
     """
     groups = param_groups(module, weight_decay)
     params = [p for group in groups for p in group["params"]]
     if fused is None:
         fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True
+    )
 
 
 class WarmupCosine:

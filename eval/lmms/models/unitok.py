@@ -164,7 +164,7 @@ class UniTokLMMS(lmms):
                     image = self._visual(doc_to_visual, task, split, doc_id)
                     images.append(image)
                     prompts.append(self._prompt(context, image))
-                answers = self.model.answer(images, prompts, **settings)
+                answers = self.model.answer(images, prompts, stop=until, **settings)
                 for i, text in zip(chunk, answers):
                     results[i] = cut_at_stop(text, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], results[i])
