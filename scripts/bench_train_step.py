@@ -27,11 +27,7 @@ upsampler, per-sub-codebook ``bincount`` usage counts) next to today's ("after")
 - ``gan``: GFLOP and CPU seconds of the generator loss's forward + backward with the adaptive GAN weight
   (LPIPS VGG16 + the release's DINOv2-S discriminator at 256 px, random weights), computed in two passes
   ("before": ``adaptive_gan_weight``, then ``backward`` of the total) and in one (``adaptive_gan_grads``).
-- ``host``: the CPU-side costs around a CPU training step of the quick start's model (``unitok-tiny-synth``):
-  seeding one sample's private random stream (``torch.manual_seed``, which also queues a lazy seed with a
-  recorded stack trace for every accelerator backend, against seeding the CPU generator only) and one AdamW
-  step over every parameter (the per-tensor loop torch picks on CPU, the multi-tensor ``foreach`` update the
-  trainer now asks for, and the opt-in fused kernel), with whether each update equals the per-tensor one.
+- ``host``: per-sample seeding and AdamW kernels on the quick start's model (``bench_host_costs``).
 """
 
 from __future__ import annotations
@@ -613,72 +609,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _best_ms(fn, repeats: int, rounds: int = 3) -> float:
-    """Best of ``rounds`` mean milliseconds per call over ``repeats`` calls (one warm-up call first)."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.perf_counter() - start) / repeats * 1e3)
-    return best
-
-
-def measure_host() -> dict:
-    """Per-sample seeding and AdamW step costs on the CPU for the quick start's tokenizer (see the docstring)."""
-    import copy
-
-    from unitok.tokenizer.training.config import load_run_config
-    from unitok.tokenizer.training.optim import param_groups
-
-    config = load_run_config("unitok-tiny-synth")
-    model_config = config.model.tokenizer_config()
-
-    def seed_global() -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1234)
-            torch.rand(3)
-
-    def seed_cpu() -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(1234)
-            torch.rand(3)
-
-    seeding = {"torch.manual_seed": _best_ms(seed_global, 500), "CPU generator only": _best_ms(seed_cpu, 500)}
-    torch.manual_seed(0)
-    base = UniTok(model_config)
-    grads = [torch.randn_like(param) for param in base.parameters()]
-    kernels = {
-        "per-tensor (torch's CPU default)": {"foreach": False},
-        "foreach": {"foreach": True},
-        "fused": {"fused": True},
-    }
-    steps, models = {}, {}
-    optim = config.optim
-    for name, kwargs in kernels.items():
-        model = copy.deepcopy(base)
-        for param, grad in zip(model.parameters(), grads):
-            param.grad = grad.clone()
-        opt = torch.optim.AdamW(
-            param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, **kwargs
-        )
-        steps[name] = _best_ms(opt.step, 20)
-        models[name] = model
-    reference = dict(models["per-tensor (torch's CPU default)"].named_parameters())
-    same = {
-        name: max(float((p - reference[k]).detach().abs().max()) for k, p in model.named_parameters())
-        for name, model in models.items()
-    }
-    return {
-        "tensors": sum(1 for _ in base.parameters()),
-        "parameters": sum(p.numel() for p in base.parameters()),
-        "seeding_us": {k: v * 1e3 for k, v in seeding.items()},
-        "adamw_ms": steps,
-        "max_diff": same,
-    }
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.steps < 1:
@@ -749,6 +679,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"| {row['mode']} | {row['gflop']:.1f} | {row['seconds']:.2f} |")
         print()
     if "host" in args.sections:
+        from unitok.scripts.bench_host_costs import measure_host
+
         host = measure_host()
         print(
             f"## Host-side costs of a CPU training step (unitok-tiny-synth: {host['tensors']} parameter tensors, "

@@ -535,3 +535,27 @@ def test_a_channels_last_model_trains_with_nhwc_weights_and_the_same_step(world,
         results.append((scalars["loss"], scalars["grad_norm"]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=0)  # the whole gradient's norm
+
+
+def test_cpu_adamw_is_the_foreach_update_and_equals_the_per_tensor_one():
+    from unitok.scripts.bench_host_costs import measure_host
+    from unitok.tokenizer.training.optim import build_adamw
+
+    module = torch.nn.Linear(4, 3)
+    assert build_adamw(module, 1e-3, (0.9, 0.95), 0.02, 1e-6).defaults["foreach"] is True
+    host = measure_host()
+    assert host["max_diff"]["foreach"] == 0.0 and host["max_diff"]["fused"] < 1e-5
+    assert set(host["seeding_us"]) == {"torch.manual_seed", "CPU generator only"}
+
+
+def test_a_seeded_sample_draws_the_same_numbers_and_leaves_the_global_stream_alone():
+    from unitok.tokenizer.training.data import _seeded_call
+
+    before = torch.random.get_rng_state()
+    first = _seeded_call(7, torch.rand, 3)
+    assert torch.equal(first, _seeded_call(7, torch.rand, 3))
+    torch.manual_seed(7)
+    assert torch.equal(first, torch.rand(3))
+    torch.random.set_rng_state(before)
+    _seeded_call(8, torch.rand, 3)
+    assert torch.equal(torch.random.get_rng_state(), before)

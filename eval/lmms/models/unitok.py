@@ -6,7 +6,8 @@ its own GPU and lmms-eval gives each rank its share of the requests (data parall
 
 - ``generate_until``: requests are grouped by their generation settings and answered in batches of
   ``batch_size`` through :meth:`UniTokMLLM.answer` (``max_new_tokens``, greedy unless ``do_sample`` /
-  ``temperature > 0``, ``top_p``); each answer is cut at the first of the request's ``until`` strings.
+  ``temperature > 0``, ``top_p``); each answer stops being generated once it holds one of the request's
+  ``until`` strings and is cut at the first of them.
 - ``loglikelihood``: the log-probability of the continuation's tokens after the same prompt the model answers
   from (the MLLM's prompt template with the image expanded into its code positions), and whether greedy
   decoding would have produced exactly those tokens; batched with right padding.
