@@ -27,9 +27,13 @@ def _best_ms(fn, repeats: int, rounds: int = 3) -> float:
     return best
 
 
-def measure_host() -> dict:
-    """Per-sample seeding and AdamW step costs on the CPU for the quick start's tokenizer (see the docstring)."""
+def measure_host(seed_repeats: int = 500, step_repeats: int = 20) -> dict:
+    """Per-sample seeding and AdamW step costs on the CPU for the quick start's tokenizer (see the docstring).
+
+    ``seed_repeats`` / ``step_repeats``: calls per timing round (fewer for a quick check of the comparison).
+    """
     from unitok.tokenizer.training.config import load_run_config
+    from unitok.tokenizer.training.data import _seeded_call
     from unitok.tokenizer.training.optim import param_groups
 
     config = load_run_config("unitok-tiny-synth")
@@ -40,12 +44,10 @@ def measure_host() -> dict:
             torch.manual_seed(1234)
             torch.rand(3)
 
-    def seed_cpu() -> None:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(1234)
-            torch.rand(3)
-
-    seeding = {"torch.manual_seed": _best_ms(seed_global, 500), "CPU generator only": _best_ms(seed_cpu, 500)}
+    seeding = {
+        "torch.manual_seed": _best_ms(seed_global, seed_repeats),
+        "CPU generator only": _best_ms(lambda: _seeded_call(1234, torch.rand, 3), seed_repeats),
+    }
     torch.manual_seed(0)
     base = UniTok(model_config)
     grads = [torch.randn_like(param) for param in base.parameters()]
@@ -63,7 +65,7 @@ def measure_host() -> dict:
         opt = torch.optim.AdamW(
             param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps, **kwargs
         )
-        steps[name] = _best_ms(opt.step, 20)
+        steps[name] = _best_ms(opt.step, step_repeats)
         models[name] = model
     reference = dict(models["per-tensor (torch's CPU default)"].named_parameters())
     same = {
