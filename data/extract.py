@@ -243,7 +243,7 @@ def _write_store_info(out: Path, plan: Plan, unitok: Any, tokenizer: str) -> Non
         "num_codebooks": cfg.num_codebooks,
         "codebook_size": cfg.codebook_size,
         "image_size": cfg.image_size,
-        "grid": [cfg.image_size // 16, cfg.image_size // 16],
+        "grid": [cfg.grid_size, cfg.grid_size],
         "data": plan.data,
         "input_kind": plan.kind,
         "plan": plan.fingerprint(),

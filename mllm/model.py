@@ -51,9 +51,6 @@ from unitok.tokenizer.quantizer import unchecked_code_vectors
 
 logger = logging.getLogger(__name__)
 
-# UniTok downsamples images by 16 (contract: h = H / 16).
-UNITOK_DOWNSAMPLE = 16
-
 
 @dataclass
 class MLLMOutput:
@@ -333,11 +330,14 @@ class UniTokMLLM(nn.Module):
     def grid(self, image_size: int | None = None) -> tuple[int, int]:
         """(h, w) of the code grid of a square image of ``image_size`` pixels (default: the UniTok's)."""
         size = self.unitok.config.image_size if image_size is None else image_size
+        patch = self.unitok.config.patch_size
         if isinstance(size, bool) or not isinstance(size, int):
             raise ValueError(f"image_size must be an int (pixels), got {size!r}")
-        if size < UNITOK_DOWNSAMPLE or size % UNITOK_DOWNSAMPLE:
-            raise ValueError(f"image_size must be a positive multiple of {UNITOK_DOWNSAMPLE}, got {size}")
-        return size // UNITOK_DOWNSAMPLE, size // UNITOK_DOWNSAMPLE
+        if size < patch or size % patch:
+            raise ValueError(
+                f"image_size must be a positive multiple of the UniTok's patch size {patch}, got {size}"
+            )
+        return size // patch, size // patch
 
     def code_vectors(self, codes_NK: torch.Tensor) -> torch.Tensor:
         """The frozen UniTok code vectors of N positions (any N, also 0): codes [N,K] -> vectors [N,D] (fp32).

@@ -475,6 +475,7 @@ def run_sweep(args: argparse.Namespace, world: Path, prog: str, argv: list[str] 
             "train_images": metadata["splits"]["train"],
             "num_eval_images": next(iter(results.values()))["eval"]["num_images"],
             "image_size": metadata["config"]["size"],
+            "patch_size": load_run_config(RUN_PRESET, args.extra).model.tokenizer_config().patch_size,
             "machine": machine_description(),
             "run_preset": RUN_PRESET,
             "recipe": list(RECIPE),

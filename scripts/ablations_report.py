@@ -369,6 +369,9 @@ def render_markdown(report: dict) -> str:
     """docs/ABLATIONS.md from the JSON report."""
     setup = report["setup"]
     budget = setup["budget"]
+    # Reports written before the patch size was recorded used the release's 16.
+    patch = setup.get("patch_size", 16)
+    grid = setup["image_size"] // patch
     lines = [
         "# The paper's tokenizer findings, in miniature",
         "",
@@ -379,7 +382,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- Model: `unitok-tiny` as the run preset sets it (ViTamin-style encoder of width 128 with 2 ViT blocks, "
         "a 2-block decoder) at "
-        f"{setup['image_size']} px: a 4x4 code grid. Paper: UniTok-L at 256 px on DataComp-1B, a 16x16 grid.",
+        f"{setup['image_size']} px with {patch} px per code position: a {grid}x{grid} code grid. Paper: UniTok-L at "
+        "256 px on DataComp-1B, 16 px per position: a 16x16 grid.",
         f"- Data: the built-in synthetic world `{setup['world']}` (train split for training; the held-out "
         f"`{setup['split']}` split for every metric: {setup['num_eval_images']} image-caption pairs for "
         f"reconstruction, `classify/shape/{setup['split']}` (8 classes) and `classify/color/{setup['split']}` "

@@ -70,6 +70,9 @@ def test_projection_sweep_writes_reports_and_reuses_runs(world, tmp_path, monkey
     assert "## Finding 4" in text and "| linear projection | `linear-proj` |" in text
     assert "| projection | attention projection reconstructs better |" in text
     assert "--set model.overrides.quant_proj=linear" in text and "2 steps x batch 4 = 8 images seen" in text
+    assert (
+        data["setup"]["patch_size"] == 8 and "at 32 px with 8 px per code position: a 4x4 code grid" in text
+    )
 
     # A second invocation trains nothing: every run already has its result.
     def no_training(config):

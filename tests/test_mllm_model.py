@@ -9,6 +9,7 @@ from mllm_helpers import one_thread, random_codes, tiny_mllm, tiny_unitok  # noq
 from unitok.mllm import GenerationSample, MLLMCollator, TextSample, UnderstandingSample, UniTokMLLM
 from unitok.mllm.generation import generate_image_codes
 from unitok.mllm.sequence import pad_sequences
+from unitok.tokenizer import TokenizerConfig, UniTok
 
 PROMPTS = ["a red circle on the left", "two blue squares"]
 
@@ -132,6 +133,16 @@ def test_answer_accepts_images(model):
     from_codes = model.answer(model.unitok.encode(img[None])[0], "what colour ?", max_new_tokens=3)
     assert from_tensor == from_codes
     assert len(model.answer(None, ["what colour ?"], max_new_tokens=3)) == 1
+
+
+def test_grid_follows_the_unitok_patch_size():
+    torch.manual_seed(0)
+    fine = tiny_mllm(UniTok(TokenizerConfig.preset("unitok-tiny", patch_size=8)).eval()).eval()
+    assert fine.grid() == (8, 8) and fine.grid(32) == (4, 4)
+    generated = fine.generate_images("a red circle", seed=0, image_size=32)
+    assert generated.codes.shape == (1, 4, 4, fine.num_codebooks) and generated.images[0].size == (32, 32)
+    with pytest.raises(ValueError, match="multiple of the UniTok's patch size 8, got 36"):
+        fine.grid(36)
 
 
 def _state(model):

@@ -55,7 +55,9 @@ def test_config_dict_round_trip_and_unknown_keys():
         ({"vocab_width": 36}, "vocab_width .* divisible by num_codebooks"),
         ({"num_heads": 3}, "width .* divisible by num_heads"),
         ({"text_heads": 3}, "text_width .* divisible by text_heads"),
-        ({"image_size": 72}, "multiple of 16"),
+        ({"image_size": 72}, "multiple of patch_size \\(16"),
+        ({"image_size": 68, "patch_size": 8}, "multiple of patch_size \\(8"),
+        ({"patch_size": 4}, "patch_size must be one of"),
         ({"quantizer": "fsq"}, "quantizer must be one of"),
         ({"quant_proj": "mlp"}, "quant_proj must be one of"),
         ({"proj_heads": 3}, "divisible by proj_heads"),
@@ -215,6 +217,36 @@ def test_variants_run(overrides):
     with torch.no_grad():
         out = model(img)
         torch.testing.assert_close(model.decode(model.encode(img)), out.recon.clamp(-1, 1))
+
+
+def test_patch_size_8_has_a_4x_finer_grid_and_the_same_parameters():
+    """patch_size 8: the same modules and parameter shapes as patch 16, twice the positions per side."""
+    torch.manual_seed(0)
+    coarse = UniTok(tiny_config())
+    fine = UniTok(tiny_config(patch_size=8)).eval()
+    assert fine.config.grid_size == 2 * coarse.config.grid_size == 8
+    assert {k: v.shape for k, v in fine.state_dict().items()} == {
+        k: v.shape for k, v in coarse.state_dict().items()
+    }
+    fine.load_state_dict(coarse.state_dict())
+    img = images(size=32)
+    with torch.no_grad():
+        assert fine.encoder(img).shape == (2, 16, fine.config.width)
+        out = fine(img)
+        codes = fine.encode(img)
+        assert out.recon.shape == (2, 3, 32, 32) and codes.shape == (2, 4, 4, 8)
+        assert torch.equal(codes, out.codes)
+        torch.testing.assert_close(fine.decode(codes), out.recon.clamp(-1, 1), rtol=0, atol=0)
+        # The last conv of the front-end runs at stride 1 and the first upsampler keeps the grid's size.
+        assert fine.encoder.patch_embed.backbone.pool.proj.stride == (1, 1)
+        assert coarse.encoder.patch_embed.backbone.pool.proj.stride == (2, 2)
+        assert fine.decoder.up_conv1(torch.zeros(1, fine.config.width, 3, 3)).shape[-2:] == (3, 3)
+        # Images must be a multiple of the patch size: 40 px is one for 8 but not for 16.
+        assert fine.encode(images(size=40)).shape == (2, 5, 5, 8)
+    with pytest.raises(ValueError, match="multiples of 8, got \\[2,3,36,36\\]"):
+        fine.encode(images(size=36))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        coarse.encode(images(size=40))
 
 
 # --------------------------------------------------------------------------------------------------

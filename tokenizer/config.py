@@ -17,6 +17,7 @@ OPEN_CLIP_VOCAB_SIZE = 49408
 QUANTIZER_KINDS = ("mcq", "rq")
 PROJECTION_KINDS = ("attn", "linear")
 UPSAMPLE_KINDS = ("transposed", "nearest_conv")
+PATCH_SIZES = (16, 8)
 
 # Parts whose activations can be recomputed in the backward pass instead of kept (activation
 # checkpointing), each switched on separately: the encoder's conv front-end (stem + MbConv stages), the
@@ -42,12 +43,16 @@ CHECKPOINT_PRESETS: dict[str, tuple[str, ...]] = {
 class TokenizerConfig:
     """Every size of a UniTok tokenizer. Defaults are the released UniTok-Large.
 
-    Shapes: an image ``[B,3,image_size,image_size]`` becomes ``L = (image_size/16)**2`` encoder tokens
+    Shapes: an image ``[B,3,image_size,image_size]`` becomes ``L = (image_size/patch_size)**2`` encoder tokens
     of width ``C = width``, projected to ``D = vocab_width`` and quantized into ``K = num_codebooks``
     codes per position, each indexing ``V = vocab_size // K`` entries of ``D // K`` dims (MCQ).
     """
 
     image_size: int = 256
+    # Pixels per code position along a side: 16 (the release: stem, two MbConv stages and the strided conv
+    # each halve the image) or 8 (the last conv keeps its stride at 1 and the decoder's first upsampler is a
+    # plain 3x3 conv; same parameters). 8 gives small images a 4x finer code grid.
+    patch_size: int = 16
     # Encoder: ViTamin conv front-end (stem /2, two MbConv stages /2 each, strided conv /2) + ViT blocks.
     stem_width: int = 160
     stage_widths: tuple[int, int] = (160, 320)
@@ -142,9 +147,12 @@ class TokenizerConfig:
                 raise ValueError(
                     f"{name} must be two positive ints (a stride-2 block opens each stage), got {value}"
                 )
-        if self.image_size % 16:
+        if self.patch_size not in PATCH_SIZES:
+            raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {self.patch_size!r}")
+        if self.image_size % self.patch_size:
             raise ValueError(
-                f"image_size must be a multiple of 16 (the encoder downsamples 16x), got {self.image_size}"
+                f"image_size must be a multiple of patch_size ({self.patch_size}: the encoder downsamples "
+                f"{self.patch_size}x), got {self.image_size}"
             )
         if self.width % self.num_heads:
             raise ValueError(f"width ({self.width}) must be divisible by num_heads ({self.num_heads})")
@@ -209,7 +217,7 @@ class TokenizerConfig:
     @property
     def grid_size(self) -> int:
         """h = w: positions per side of the code grid at ``image_size``."""
-        return self.image_size // 16
+        return self.image_size // self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tuples become lists)."""

@@ -59,12 +59,17 @@ class Upsample2d(nn.Module):
     input is materialised. ``transposed=False`` runs the literal upsample + conv (the reference path).
     """
 
-    def __init__(self, in_chs: int, out_chs: int, transposed: bool = True) -> None:
+    def __init__(self, in_chs: int, out_chs: int, transposed: bool = True, scale: int = 2) -> None:
         super().__init__()
+        if scale not in (1, 2):
+            raise ValueError(f"scale must be 1 or 2, got {scale!r}")
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, padding=1)
         self.transposed = transposed
+        self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale == 1:
+            return self.conv(x)
         if not self.transposed:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         kernel = transposed_upsample_kernel(self.conv.weight)
@@ -73,7 +78,7 @@ class Upsample2d(nn.Module):
         return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
 
     def extra_repr(self) -> str:
-        return f"transposed={self.transposed}"
+        return f"transposed={self.transposed}, scale={self.scale}"
 
 
 class InvMbConvBlock(nn.Module):
@@ -130,11 +135,12 @@ def _upsample_stage(in_chs: int, out_chs: int, depth: int, transposed: bool) -> 
 
 
 class ViTaminDecoder(nn.Module):
-    """``forward(feats_BLC, grid=(h, w)) -> img_B3HW`` with H = 16h, W = 16w, C = ``config.width``.
+    """``forward(feats_BLC, grid=(h, w)) -> img_B3HW`` with H = p h, W = p w (p = ``config.patch_size``),
+    C = ``config.width``.
 
     ``decoder_depth`` ViT blocks (GeGLU MLP, no position embedding), LayerNorm, then
     up_conv1 (x2, width -> w0), up_conv2 (x2, w0), up_conv3 (x2, w0 -> w1), up_conv4 (x2, w1 -> 3)
-    with ``(w0, w1) = config.upsampler_widths``.
+    with ``(w0, w1) = config.upsampler_widths``; at patch size 8 up_conv1 is a plain 3x3 conv (x1).
     """
 
     def __init__(self, config: TokenizerConfig) -> None:
@@ -158,7 +164,7 @@ class ViTaminDecoder(nn.Module):
         )
         self.norm = LayerNorm(config.width, eps=_NORM_EPS)
         transposed = config.upsample == "transposed"
-        self.up_conv1 = Upsample2d(config.width, widths[0], transposed)
+        self.up_conv1 = Upsample2d(config.width, widths[0], transposed, scale=config.patch_size // 8)
         self.up_conv2 = _upsample_stage(widths[0], widths[0], depths[0], transposed)
         self.up_conv3 = _upsample_stage(widths[0], widths[1], depths[1], transposed)
         self.up_conv4 = InvStem(widths[1], transposed=transposed)
@@ -167,7 +173,7 @@ class ViTaminDecoder(nn.Module):
         self.channels_last = config.channels_last
 
     def forward(self, feats_BLC: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Tokens ``[B,h*w,C]`` in raster order -> image ``[B,3,16h,16w]`` (unbounded)."""
+        """Tokens ``[B,h*w,C]`` in raster order -> image ``[B,3,p h,p w]`` (unbounded)."""
         h, w = grid
         if feats_BLC.ndim != 3 or feats_BLC.shape[1] != h * w:
             raise ValueError(

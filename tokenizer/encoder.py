@@ -24,7 +24,10 @@ VIT_ACT_LAYER = "gelu_tanh"
 
 
 def vitamin_front_end(config: TokenizerConfig) -> MbConvStages:
-    """The conv front-end: stem (/2), two MbConv stages (/2 each), strided conv to ``width`` (/2) -> /16."""
+    """The conv front-end: stem (/2), two MbConv stages (/2 each), strided conv to ``width`` (/2) -> /16.
+
+    With ``config.patch_size`` 8 the last conv runs at stride 1 (same parameters) -> /8.
+    """
     embed_cfg = VitCfg(
         embed_dim=(*config.stage_widths, config.width),
         depths=(*config.stage_depths, 1),
@@ -32,7 +35,10 @@ def vitamin_front_end(config: TokenizerConfig) -> MbConvStages:
         conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6),
         head_type="1d",
     )
-    return MbConvStages(cfg=embed_cfg)
+    front = MbConvStages(cfg=embed_cfg)
+    if config.patch_size == 8:
+        front.pool.proj.stride = (1, 1)
+    return front
 
 
 class ConvFrontEnd(HybridEmbed):
@@ -52,10 +58,11 @@ class ConvFrontEnd(HybridEmbed):
 
 
 class ViTaminEncoder(VisionTransformer):
-    """ViTamin trunk of UniTok: ``forward(img_B3HW) -> feats_BLC``, L = (H/16)*(W/16), C = ``config.width``.
+    """ViTamin trunk of UniTok: ``forward(img_B3HW) -> feats_BLC``, L = (H/p)*(W/p), p = ``config.patch_size``
+    (16 in the release), C = ``config.width``.
 
     No position embedding: ``pos_embed`` is a frozen zero ``(1,1,C)`` parameter kept only so the
-    released checkpoint loads strictly; it broadcasts, so any input size that is a multiple of 16 works.
+    released checkpoint loads strictly; it broadcasts, so any input size that is a multiple of p works.
     Stochastic depth rises linearly from 0 to ``config.drop_path`` over the blocks.
     """
 

@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)
-_PATCH = 16
 
 TextInput = Sequence[str] | torch.Tensor
 
@@ -128,7 +127,8 @@ def init_reference_weights(module: nn.Module) -> None:
 class UniTok(nn.Module):
     """The UniTok tokenizer. Build with ``UniTok(TokenizerConfig.preset("unitok-tiny"))``.
 
-    Images are float ``[B,3,H,W]`` in [-1,1] with H = W a multiple of 16; the code grid is h = w = H/16.
+    Images are float ``[B,3,H,W]`` in [-1,1] with H = W a multiple of p = ``config.patch_size`` (16 in the
+    release); the code grid is h = w = H/p.
     Submodule names equal those of the released checkpoint, so ``state_dict`` keys match it.
     """
 
@@ -158,8 +158,9 @@ class UniTok(nn.Module):
     # internal steps shared by the public methods
 
     def _check_images(self, img_B3HW: torch.Tensor) -> tuple[int, int]:
-        check_images(img_B3HW, square=True)
-        return img_B3HW.shape[2] // _PATCH, img_B3HW.shape[3] // _PATCH
+        patch = self.config.patch_size
+        check_images(img_B3HW, square=True, multiple=patch)
+        return img_B3HW.shape[2] // patch, img_B3HW.shape[3] // patch
 
     def _prepare_images(self, img_B3HW: torch.Tensor) -> torch.Tensor:
         """Checked images on the model's device in its parameter dtype (fp16/bf16/fp64 inputs are converted)."""
@@ -201,14 +202,14 @@ class UniTok(nn.Module):
 
     @torch.no_grad()
     def encode(self, img_B3HW: torch.Tensor) -> torch.Tensor:
-        """Images ``[B,3,H,W]`` in [-1,1] -> codes ``LongTensor [B,h,w,K]``, h = H/16 (no gradient: codes are discrete).
+        """Images ``[B,3,H,W]`` in [-1,1] -> codes ``LongTensor [B,h,w,K]``, h = H/p (no gradient: codes are discrete).
 
         Raises:
             ValueError: on a wrong shape, a non-float dtype, NaN/Inf pixels or values far outside [-1,1]
                 (e.g. 0-255 pixels), each message saying what was expected.
         """
         img_B3HW = self._prepare_images(img_B3HW)
-        h, w = img_B3HW.shape[2] // _PATCH, img_B3HW.shape[3] // _PATCH
+        h, w = (n // self.config.patch_size for n in img_B3HW.shape[2:])
         z_BLD = self._latents(img_B3HW)
         codes_BLK = self.quantizer.quantize(z_BLD)
         return rearrange(codes_BLK, "b (h w) k -> b h w k", h=h, w=w)

@@ -74,14 +74,15 @@ def to_pil(img: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
 
-def check_images(img: torch.Tensor, square: bool = False) -> None:
-    """Raise ValueError unless ``img`` is a float ``[B,3,H,W]`` with H, W multiples of 16 (and H == W if ``square``)."""
+def check_images(img: torch.Tensor, square: bool = False, multiple: int = _PATCH) -> None:
+    """Raise ValueError unless ``img`` is a float ``[B,3,H,W]`` with H, W multiples of ``multiple`` (the
+    tokenizer's patch size, 16 in the release) and H == W if ``square``."""
     if not isinstance(img, torch.Tensor):
         raise ValueError(f"expected a tensor of images [B,3,H,W], got {type(img).__name__}")
     shape = list(img.shape)
-    if img.ndim != 4 or shape[1] != 3 or shape[2] % _PATCH or shape[3] % _PATCH or 0 in shape:
+    if img.ndim != 4 or shape[1] != 3 or shape[2] % multiple or shape[3] % multiple or 0 in shape:
         raise ValueError(
-            f"expected images of shape [B,3,H,W] with H and W multiples of {_PATCH}, got {_fmt(shape)}"
+            f"expected images of shape [B,3,H,W] with H and W multiples of {multiple}, got {_fmt(shape)}"
         )
     if not img.is_floating_point():
         hint = " (0-255 pixels: img.float() / 127.5 - 1)" if img.dtype == torch.uint8 else ""
