@@ -146,7 +146,7 @@ def test_bad_config_json_names_the_file(saved, tmp_path):
         "syntax": "not valid JSON",
         "list": "JSON object",
         "no_size": r"lacks \['image_size'\]",
-        "bad_value": "multiple of 16",
+        "bad_value": r"multiple of patch_size \(16",
         "unknown_key": "unknown TokenizerConfig keys",
     }
     for name, text in cases.items():

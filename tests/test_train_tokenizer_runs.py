@@ -70,7 +70,8 @@ def test_two_steps_write_metrics_images_checkpoint_and_a_loadable_export(single_
     assert set(loaded) == set(state["model"])
     assert all(torch.equal(loaded[k], state["model"][k]) for k in loaded)
     img = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert model.encode(img).shape == (2, 2, 2, 8)
+    grid = 32 // model.config.patch_size
+    assert model.encode(img).shape == (2, grid, grid, 8)
     # Calling a finished run again trains nothing and reports the last record.
     again = run(out, world, "checkpoint.resume=auto")
     assert (again.step, again.checkpoint, again.metrics["samples"]) == (2, result.checkpoint, 16)
