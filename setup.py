@@ -29,7 +29,7 @@ CORE = [
     "torch>=2.4",
     "torchvision>=0.19",
     "numpy>=1.24",
-    "pillow>=9.1",  # Image.Resampling
+    "pillow>=10.1",  # Image.Resampling, ImageFont.load_default(size=...)
     "einops>=0.7",
     "safetensors>=0.4.3",  # as transformers 5.2 needs
     "timm>=1.0.21",  # timm.layers.calculate_drop_path_rates

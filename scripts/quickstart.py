@@ -1,7 +1,8 @@
 """The quick start: the whole UniTok pipeline on the built-in synthetic world, on a CPU.
 
 Stages (each writes under ``--out`` and is reused when the quick start runs again; ``--stage NAME``
-reruns one of them):
+reruns one of them, and a stage whose inputs changed since it ran, an earlier stage's output or its own
+``--mllm`` / ``--sampling`` / ``--vqa-limit`` / ``--max-prompts`` settings, runs again by itself):
 
 1. ``world``: the synthetic world (images, captions, questions, class folders, GenEval prompts);
 2. ``tokenizer``: trains ``unitok-tiny`` with the ``unitok-tiny-synth`` run config (an interrupted run
@@ -19,12 +20,15 @@ reruns one of them):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
+
+from unitok.scripts.quickstart_report import grid_rows, save_generation_grid, save_qa_examples, write_report
 
 logger = logging.getLogger("unitok.quickstart")
 
@@ -44,18 +48,17 @@ STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "genera
 # Folders (under --out) that a stage's command writes and resumes from; ``--stage NAME`` clears its folder.
 # (The tokenizer stage resumes or re-evaluates its run; remove ``tokenizer/`` to train it again.)
 STAGE_OUTPUTS: dict[str, str] = {"codes": "codes", "mllm": "mllm", "vqa": "vqa", "generation": "generation"}
-QA_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "existence")
-# (name in report.json, how the report says it, target, unit); every one is measured on held-out data.
-TARGETS: tuple[tuple[str, str, float, str], ...] = (
-    ("tokenizer_psnr", "tokenizer PSNR of reconstructions", 27.0, "dB"),
-    ("tokenizer_usage_min", "tokenizer usage of the least-used sub-codebook (> target)", 90.0, "%"),
-    ("zero_shot_color", "zero-shot colour, top-1", 95.0, "%"),
-    ("zero_shot_shape", "zero-shot shape, top-1", 80.0, "%"),
-    ("vqa_overall", "VQA accuracy, all questions", 80.0, "%"),
-    *((f"vqa_{t}", f"VQA accuracy, {t} questions", 60.0, "%") for t in QA_TYPES),
-    ("geneval_overall", "synthetic GenEval overall", 0.5, ""),
-    ("total_minutes", "quick start wall time, all stages (<= target)", 15.0, "min"),
-)
+# What each stage reads from the earlier ones. A stage whose inputs changed since it ran (the world, the tokenizer's
+# weights, the codes or the MLLM's weights differ from what its record saw) runs again instead of being reused.
+# The stages whose output the later ones read: for the tokenizer and the MLLM, the result field naming the folder.
+PRODUCTS: dict[str, str | None] = {"world": None, "tokenizer": "final_dir", "codes": None, "mllm": "dir"}
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("world",),
+    "codes": ("world", "tokenizer"),
+    "mllm": ("codes",),
+    "vqa": ("world", "mllm"),
+    "generation": ("world", "mllm"),
+}
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -195,19 +198,40 @@ class Pipeline:
             _check_world(self.world, json.loads(metadata.read_text()), self.synth)
         for name in STAGES:
             path = self._record_path(name)
-            if name != "report" and path.is_file() and name not in self.rerun:
-                self.records[name] = json.loads(path.read_text())
+            rerun = name in self.rerun
+            inputs = {dep: self._fingerprint(dep) for dep in STAGE_INPUTS.get(name, ())}
+            settings = self._settings(name)
+            if settings is not None:
+                inputs["settings"] = settings
+            if name != "report" and path.is_file() and not rerun:
+                record = json.loads(path.read_text())
+                changed = [
+                    dep for dep, seen in record.get("inputs", inputs).items() if inputs.get(dep) != seen
+                ]
+                if "product" in record and self._fingerprint(name, record) != record["product"]:
+                    changed.insert(0, f"its own output under {self.out}")
+                if not changed:
+                    self.records[name] = record
+                    logger.info("stage %s: reusing %s (%.0f s when it ran)", name, path, record["seconds"])
+                    continue
                 logger.info(
-                    "stage %s: reusing %s (%.0f s when it ran)", name, path, self.records[name]["seconds"]
+                    "stage %s: running again, its input changed since it ran: %s", name, ", ".join(changed)
                 )
-                continue
-            if name in self.rerun and name in STAGE_OUTPUTS:
-                # The commands resume what they find; a rerun asked for starts that stage afresh.
+                rerun = True
+            if rerun and name in STAGE_OUTPUTS:
+                # The commands resume what they find; a rerun starts that stage afresh.
                 shutil.rmtree(self.out / STAGE_OUTPUTS[name], ignore_errors=True)
             logger.info("stage %s: running", name)
             started = time.perf_counter()
             result = getattr(self, f"stage_{name}")()
-            record = {"stage": name, "seconds": time.perf_counter() - started, "result": result}
+            record = {
+                "stage": name,
+                "seconds": time.perf_counter() - started,
+                "inputs": inputs,
+                "result": result,
+            }
+            if name in PRODUCTS:
+                record["product"] = self._fingerprint(name, record)
             self.records[name] = record
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -215,6 +239,32 @@ class Pipeline:
             tmp.replace(path)
             logger.info("stage %s: done in %.1f s", name, record["seconds"])
         return self.out / "REPORT.md"
+
+    def _settings(self, name: str) -> dict | None:
+        """The command-line settings stage ``name`` ran with; when they change, the stage runs again. (The
+        tokenizer stage resumes or re-evaluates its run instead: remove ``tokenizer/`` to train it again.)"""
+        if name == "mllm":
+            return {"recipe": asdict(self.mllm_recipe), "engine": self.engine}
+        if name == "vqa":
+            return {"limit": self.args.vqa_limit, "engine": self.engine}
+        if name == "generation":
+            return {
+                "sampling": asdict(self.sampling),
+                "max_prompts": self.args.max_prompts,
+                "engine": self.engine,
+            }
+        return None
+
+    def _fingerprint(self, name: str, record: dict | None = None) -> str | None:
+        """Digest of what stage ``name`` produced for the later stages (None when it is not there); the
+        tokenizer's and the MLLM's folders are read from ``record`` (default: the stage's record of this run)."""
+        if name == "world":
+            return _digest(self.world, [self.world / "metadata.json"])
+        if name == "codes":
+            return _digest(self.codes_dir)
+        record = record or self.records.get(name)
+        folder = record and record["result"].get(PRODUCTS[name])
+        return _digest(Path(folder)) if folder else None
 
     # ------------------------------------------------------------------ stages
 
@@ -302,7 +352,7 @@ class Pipeline:
             )
         else:
             result = qm.eval_vqa_library(self.mllm_dir, self.world, self.codes_dir, limit=self.args.vqa_limit)
-        _save_qa_examples(self.out, self.world, result["examples"])
+        save_qa_examples(self.out, self.world, result["examples"])
         result["example_images"] = "qa_examples"
         return result
 
@@ -327,15 +377,31 @@ class Pipeline:
                 "sampling": asdict(self.sampling),
                 "via": "library",
             }
-        _save_generation_grid(self.out / "generated.png", *_grid_rows(metas, images))
+        save_generation_grid(self.out / "generated.png", *grid_rows(metas, images))
         result["grid"] = "generated.png"
         return result
 
     def stage_report(self) -> dict:
-        return {"report": str(write_report(self.out, self.records))}
+        return {"report": str(write_report(self.out, self.records, STAGES))}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _digest(root: Path, files: list[Path] | None = None) -> str | None:
+    """SHA-256 over the paths (relative to ``root``) and contents of ``files``, by default every file under the
+    folder ``root``; None when one of them is missing or there is none."""
+    if files is None:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    if not files or not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class WorldMismatchError(ValueError):
@@ -380,215 +446,6 @@ def _evaluate_tokenizer(final_dir: Path, world: Path, report_dir: Path, eval_ima
         for attribute in ("shape", "color")
     }
     return {"reconstruction": recon, "zero_shot": zero_shot}
-
-
-def _upscale(image, size: int = 128):
-    from PIL import Image
-
-    return image.resize((size, size), Image.NEAREST)
-
-
-def _save_qa_examples(out: Path, world: Path, rows: list[dict], n: int = 4) -> None:
-    from PIL import Image
-
-    folder = out / "qa_examples"
-    folder.mkdir(parents=True, exist_ok=True)
-    seen: list[str] = []
-    for row in rows:
-        if row["id"] in seen:
-            continue
-        seen.append(row["id"])
-        if len(seen) > n:
-            break
-        with Image.open(world / "images" / "test" / f"{row['id']}.png") as im:
-            _upscale(im.convert("RGB")).save(folder / f"{row['id']}.png")
-
-
-def _grid_rows(metas: list[dict], images: list[list], per_tag: int = 2) -> tuple[list[dict], list[list]]:
-    """The first ``per_tag`` prompts of every tag with their images."""
-    taken: dict[str, int] = {}
-    rows_m, rows_i = [], []
-    for meta, imgs in zip(metas, images):
-        if taken.get(meta["tag"], 0) < per_tag:
-            taken[meta["tag"]] = taken.get(meta["tag"], 0) + 1
-            rows_m.append(meta)
-            rows_i.append(imgs)
-    return rows_m, rows_i
-
-
-def _save_generation_grid(path: Path, metas: list[dict], images: list[list], n: int = 12) -> None:
-    """A grid of generated images, one row per prompt (first ``n`` prompts), the prompt written on the left."""
-    from PIL import Image, ImageDraw
-
-    rows = list(zip(metas, images))[:n]
-    if not rows:
-        return
-    cell, text_w = 96, 320
-    per = max(len(imgs) for _, imgs in rows)
-    canvas = Image.new("RGB", (text_w + per * cell, len(rows) * cell), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for r, (meta, imgs) in enumerate(rows):
-        draw.text((4, r * cell + cell // 2 - 6), meta["prompt"], fill=(0, 0, 0))
-        for c, im in enumerate(imgs):
-            canvas.paste(_upscale(im, cell), (text_w + c * cell, r * cell))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.3f}" if unit == "" else f"{value:.2f} {unit}".rstrip()
-
-
-def collect_targets(records: dict[str, dict]) -> list[dict]:
-    """One entry per target: ``name``, ``measured`` (None when its stage did not run), ``target``, ``reached``."""
-
-    def result(stage: str) -> dict:
-        return records.get(stage, {}).get("result", {})
-
-    tok, vqa, gen = result("tokenizer"), result("vqa"), result("generation")
-    measured = {
-        "tokenizer_psnr": tok.get("psnr"),
-        "tokenizer_usage_min": tok.get("usage_min"),
-        "zero_shot_color": tok.get("zero_shot_color"),
-        "zero_shot_shape": tok.get("zero_shot_shape"),
-        "vqa_overall": vqa.get("overall"),
-        **{f"vqa_{t}": vqa.get("per_type", {}).get(t) for t in QA_TYPES},
-        "geneval_overall": gen.get("overall"),
-        "total_minutes": sum(r["seconds"] for n, r in records.items() if n != "report") / 60,
-    }
-    out = []
-    for name, _, target, unit in TARGETS:
-        value = measured[name]
-        if value is None:
-            reached = False
-        elif name == "total_minutes":
-            reached = value <= target
-        elif name == "tokenizer_usage_min":
-            reached = value > target
-        else:
-            reached = value >= target
-        out.append({"name": name, "measured": value, "target": target, "unit": unit, "reached": reached})
-    return out
-
-
-def write_report(out: Path, records: dict[str, dict]) -> Path:
-    """Write ``REPORT.md`` and ``report.json`` from the stage records."""
-    targets = collect_targets(records)
-    labels = {name: label for name, label, _, _ in TARGETS}
-
-    def result(stage: str) -> dict:
-        return records.get(stage, {}).get("result", {})
-
-    tok, vqa, gen, mllm, world = (result(s) for s in ("tokenizer", "vqa", "generation", "mllm", "world"))
-    lines = [
-        "# UniTok quick start report",
-        "",
-        "`unitok-tiny` and a small unified MLLM trained from scratch on the built-in synthetic world "
-        f"(`{world.get('path', '?')}`); every figure below is measured on its held-out test split or prompts.",
-        "",
-        "## Targets",
-        "",
-        "| target | measured | goal | |",
-        "|---|---|---|---|",
-    ]
-    for t in targets:
-        verdict = "reached" if t["reached"] else ("not measured" if t["measured"] is None else "not reached")
-        lines.append(
-            f"| {labels[t['name']]} | {_fmt(t['measured'], t['unit'])} | {_fmt(t['target'], t['unit'])} | {verdict} |"
-        )
-    lines += ["", "## Stages", "", "| stage | seconds | |", "|---|---|---|"]
-    for name in STAGES:
-        rec = records.get(name)
-        if name == "report":
-            lines.append("| report | | this file |")
-        elif rec is None:
-            lines.append(f"| {name} | | not run |")
-        else:
-            lines.append(f"| {name} | {rec['seconds']:.1f} | {rec['result'].get('via', '')} |")
-    lines += [
-        "",
-        "Stage times are those of the call that ran each stage (a reused stage keeps its time).",
-        "",
-    ]
-    if tok:
-        lines += [
-            "## Tokenizer",
-            "",
-            f"- {tok['steps']} steps of batch {tok['batch']} ({tok['samples']} images seen); final losses {tok['losses']}",
-            f"- PSNR {tok['psnr']:.2f} dB, SSIM {tok['ssim']:.4f} on {tok['images']} test images",
-            f"- usage per sub-codebook (%): {', '.join(f'{u:.1f}' for u in tok['usage'])}",
-            f"- perplexity per sub-codebook: {', '.join(f'{p:.1f}' for p in tok['perplexity'])}",
-            f"- zero-shot top-1: shape {tok['zero_shot_shape']:.1f}%, colour {tok['zero_shot_color']:.1f}%",
-            f"- corrupt samples skipped: {tok['skipped']}",
-            "",
-            "Originals (top) and their reconstructions from the discrete codes (bottom):",
-            "",
-            "![reconstructions](reconstructions.png)",
-            "",
-        ]
-    if mllm:
-        r = mllm["recipe"]
-        lines += [
-            "## MLLM",
-            "",
-            f"- Llama hidden {r['hidden']}, {r['layers']} layers; depth head width {r['depth_width']}, "
-            f"{r['depth_layers']} layers; {mllm['parameters']:,} trainable parameters",
-            f"- {r['steps']} steps of batch {r['batch']} (generation fraction {r['generation_fraction']}), lr {r['lr']}",
-            f"- final losses: {mllm['final']}",
-            "",
-        ]
-    if vqa:
-        lines += [
-            "## Visual question answering",
-            "",
-            f"{vqa['questions']} held-out questions; accuracy {vqa['overall']:.1f}% overall; per type: "
-            + ", ".join(f"{k} {v:.1f}%" for k, v in vqa["per_type"].items()),
-            "",
-            "| image | question | answer | truth |",
-            "|---|---|---|---|",
-        ]
-        shown = {p.stem for p in (out / "qa_examples").glob("*.png")}
-        for row in [r for r in vqa["examples"] if r["id"] in shown][:10]:
-            lines.append(
-                f"| ![{row['id']}](qa_examples/{row['id']}.png) | {row['question']} | {row['prediction']} | {row['answer']} |"
-            )
-        lines.append("")
-    if gen:
-        sampling = gen.get("sampling", {})
-        per_prompt = sampling.get("n_samples", sampling.get("images_per_prompt"))
-        lines += [
-            "## Text to image",
-            "",
-            f"{gen['prompts']} GenEval prompts of the world, {per_prompt} images each "
-            f"(cfg {sampling.get('cfg_scale')}, temperature {sampling.get('temperature')}, top-k "
-            f"{sampling.get('top_k')}, top-p {sampling.get('top_p')}); overall "
-            f"{gen['overall']:.3f}; per tag: " + ", ".join(f"{k} {v:.2f}" for k, v in gen["per_tag"].items()),
-            "",
-            "Prompts (left) and generated images:",
-            "",
-            "![generated](generated.png)",
-            "",
-        ]
-    if mllm:
-        lines += [
-            "## Try it",
-            "",
-            "```",
-            f"unitok demo --model {mllm['dir']}",
-            "```",
-            "",
-        ]
-    report = out / "REPORT.md"
-    report.write_text("\n".join(lines))
-    summary = {
-        "targets": targets,
-        "stages": {n: {"seconds": r["seconds"]} for n, r in records.items()},
-        "results": {n: r["result"] for n, r in records.items() if n != "report"},
-    }
-    (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
-    return report
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -2,9 +2,11 @@
 second call reuses every stage while ``--stage`` reruns one."""
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
-from unitok.scripts import quickstart
+from unitok.scripts import quickstart, quickstart_report
 
 SECTIONS = (
     "## Targets",
@@ -37,7 +39,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
         assert (out / "stages" / f"{stage}.json").is_file(), stage
     summary = json.loads((out / "report.json").read_text())
     names = [t["name"] for t in summary["targets"]]
-    assert names == [name for name, *_ in quickstart.TARGETS]
+    assert names == [name for name, *_ in quickstart_report.TARGETS]
     for target in summary["targets"]:
         assert set(target) >= {"name", "measured", "target", "reached"}
         assert target["measured"] is not None, target["name"]
@@ -45,7 +47,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
     results = summary["results"]
     assert results["tokenizer"]["steps"] == 2 and len(results["tokenizer"]["usage"]) == 8
     assert results["codes"]["images"]["test"] == 6
-    assert set(results["vqa"]["per_type"]) <= set(quickstart.QA_TYPES)
+    assert set(results["vqa"]["per_type"]) <= set(quickstart_report.QA_TYPES)
     assert results["vqa"]["questions"] == 10 and results["generation"]["prompts"] == 6
     assert set(summary["stages"]) == set(quickstart.STAGES) - {"report"}
     report = (out / "REPORT.md").read_text()
@@ -64,7 +66,31 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
     assert [s for s in quickstart.STAGES if after[s] != before[s]] == ["vqa", "report"]
     assert "report written to" in capsys.readouterr().out
 
+    # Other MLLM settings (another seed) train a new MLLM, which makes its evaluations stale: they run again;
+    # the tokenizer and the codes are reused.
+    caplog.set_level(logging.INFO, logger="unitok.quickstart")
+    argv += ["--mllm", "seed=1"]
+    assert quickstart.main(argv) == 0
+    again = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
+    assert [s for s in quickstart.STAGES if again[s] != after[s]] == ["mllm", "vqa", "generation", "report"]
+    assert "stage mllm: running again, its input changed since it ran: settings" in caplog.text
+    assert "stage vqa: running again, its input changed since it ran: mllm" in caplog.text
+    # A stage whose own output is gone runs again; the same codes, byte for byte, leave the MLLM as it is.
+    shutil.rmtree(out / "codes")
+    assert quickstart.main(argv) == 0
+    after = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
+    assert [s for s in quickstart.STAGES if after[s] != again[s]] == ["codes", "report"]
+
     # A world on disk of another config is neither reused nor replaced under the models trained on it.
     assert quickstart.main([*argv, "--world", "max_objects=2"]) == 2
     assert {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES} == after
     assert "max_objects: 3 on disk, 2 asked for" in caplog.text
+
+
+def test_prompt_wrap_keeps_every_word_and_the_width():
+    text = "a photo of a purple heart below a small green cross and a yellow ring"
+    lines = quickstart_report._wrap(text, len, 20)
+    assert " ".join(lines) == text
+    assert all(len(line) <= 20 for line in lines) and len(lines) == 4
+    assert quickstart_report._wrap("incomprehensibilities x", len, 5) == ["incomprehensibilities", "x"]
+    assert quickstart_report._wrap("", len, 5) == [""]
