@@ -242,7 +242,10 @@ class Pipeline:
 
     def _settings(self, name: str) -> dict | None:
         """The command-line settings stage ``name`` ran with; when they change, the stage runs again. (The
-        tokenizer stage resumes or re-evaluates its run instead: remove ``tokenizer/`` to train it again.)"""
+        tokenizer stage then resumes its run, which refuses settings that change the training: remove
+        ``tokenizer/`` to train it again.)"""
+        if name == "tokenizer":
+            return {"config": self.config.to_dict(), "eval_images": self.args.eval_images}
         if name == "mllm":
             return {"recipe": asdict(self.mllm_recipe), "engine": self.engine}
         if name == "vqa":
@@ -287,10 +290,19 @@ class Pipeline:
 
     def stage_tokenizer(self) -> dict:
         from unitok.tokenizer.train import train
+        from unitok.tokenizer.training.checkpointing import TrainingError
 
         if "tokenizer" in self.rerun and self.tokenizer_dir.exists():
             logger.info("rerunning the tokenizer stage: evaluating the finished run again")
-        result = train(self.config)
+        try:
+            result = train(self.config)
+        except TrainingError as err:
+            if not (self.tokenizer_dir.parent / "checkpoints").is_dir():
+                raise
+            raise StageInputError(
+                f"{err}. To train the quick start's tokenizer again with these settings, remove "
+                f"{self.tokenizer_dir.parent} (the later stages then run again too), or pass a new --out"
+            ) from err
         if result.final_dir is None:
             raise RuntimeError(
                 f"training stopped at step {result.step} of {result.total_steps}; rerun to resume"
@@ -404,7 +416,11 @@ def _digest(root: Path, files: list[Path] | None = None) -> str | None:
     return h.hexdigest()
 
 
-class WorldMismatchError(ValueError):
+class StageInputError(ValueError):
+    """What is under --out cannot serve the stage as asked; the message says what to do."""
+
+
+class WorldMismatchError(StageInputError):
     """The world under --out is not the one the quick start asks for."""
 
 
@@ -453,7 +469,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         report = Pipeline(args).run()
-    except WorldMismatchError as err:
+    except StageInputError as err:
         logger.error("%s", err)
         return 2
     print(report.read_text())

@@ -81,6 +81,12 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
     after = {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES}
     assert [s for s in quickstart.STAGES if after[s] != again[s]] == ["codes", "report"]
 
+    # Other tokenizer settings resume its run, which refuses a changed training: an error that says what to do.
+    caplog.clear()
+    assert quickstart.main([*argv, "--steps", "3"]) == 2
+    assert "train.total_steps" in caplog.text and f"remove {out / 'tokenizer'}" in caplog.text
+    assert {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES} == after
+
     # A world on disk of another config is neither reused nor replaced under the models trained on it.
     assert quickstart.main([*argv, "--world", "max_objects=2"]) == 2
     assert {s: (out / "stages" / f"{s}.json").stat().st_mtime_ns for s in quickstart.STAGES} == after
