@@ -2,7 +2,8 @@
 
 Stages (each writes under ``--out`` and is reused when the quick start runs again; ``--stage NAME``
 reruns one of them, and a stage whose inputs changed since it ran, an earlier stage's output or its own
-``--mllm`` / ``--sampling`` / ``--vqa-limit`` / ``--max-prompts`` settings, runs again by itself):
+``--mllm`` / ``--sampling`` / ``--vqa-limit`` / ``--max-prompts`` settings, runs again by itself; tokenizer
+settings that change a finished tokenizer's training stop with what to do):
 
 1. ``world``: the synthetic world (images, captions, questions, class folders, GenEval prompts);
 2. ``tokenizer``: trains ``unitok-tiny`` with the ``unitok-tiny-synth`` run config (an interrupted run
