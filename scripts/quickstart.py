@@ -49,10 +49,10 @@ STAGES: tuple[str, ...] = ("world", "tokenizer", "codes", "mllm", "vqa", "genera
 # Folders (under --out) that a stage's command writes and resumes from; ``--stage NAME`` clears its folder.
 # (The tokenizer stage resumes or re-evaluates its run; remove ``tokenizer/`` to train it again.)
 STAGE_OUTPUTS: dict[str, str] = {"codes": "codes", "mllm": "mllm", "vqa": "vqa", "generation": "generation"}
-# What each stage reads from the earlier ones. A stage whose inputs changed since it ran (the world, the tokenizer's
-# weights, the codes or the MLLM's weights differ from what its record saw) runs again instead of being reused.
 # The stages whose output the later ones read: for the tokenizer and the MLLM, the result field naming the folder.
 PRODUCTS: dict[str, str | None] = {"world": None, "tokenizer": "final_dir", "codes": None, "mllm": "dir"}
+# What each stage reads from the earlier ones. A stage whose inputs changed since it ran (the world, the tokenizer's
+# weights, the codes or the MLLM's weights differ from what its record saw) runs again instead of being reused.
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("world",),
     "codes": ("world", "tokenizer"),
