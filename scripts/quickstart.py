@@ -170,6 +170,8 @@ class Pipeline:
         self.mllm_recipe = MLLMRecipe(**_parse_fields(MLLMRecipe, args.mllm_overrides))
         self.sampling = SamplingRecipe(**_parse_fields(SamplingRecipe, args.sampling_overrides))
         self.rerun = set(args.stage)
+        # Digest of each PRODUCTS stage's output, taken once when that stage is reused or has run.
+        self.products: dict[str, str | None] = {}
         self.records: dict[str, dict] = {}
         self.progress = not args.no_progress
         from unitok.scripts.quickstart_mllm import commands_available
@@ -200,7 +202,7 @@ class Pipeline:
         for name in STAGES:
             path = self._record_path(name)
             rerun = name in self.rerun
-            inputs = {dep: self._fingerprint(dep) for dep in STAGE_INPUTS.get(name, ())}
+            inputs = {dep: self.products.get(dep) for dep in STAGE_INPUTS.get(name, ())}
             settings = self._settings(name)
             if settings is not None:
                 inputs["settings"] = settings
@@ -209,8 +211,10 @@ class Pipeline:
                 changed = [
                     dep for dep, seen in record.get("inputs", inputs).items() if inputs.get(dep) != seen
                 ]
-                if "product" in record and self._fingerprint(name, record) != record["product"]:
-                    changed.insert(0, f"its own output under {self.out}")
+                if name in PRODUCTS:
+                    self.products[name] = self._fingerprint(name, record)
+                    if self.products[name] != record.get("product", self.products[name]):
+                        changed.insert(0, f"its own output under {self.out}")
                 if not changed:
                     self.records[name] = record
                     logger.info("stage %s: reusing %s (%.0f s when it ran)", name, path, record["seconds"])
@@ -232,7 +236,7 @@ class Pipeline:
                 "result": result,
             }
             if name in PRODUCTS:
-                record["product"] = self._fingerprint(name, record)
+                record["product"] = self.products[name] = self._fingerprint(name, record)
             self.records[name] = record
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -259,15 +263,14 @@ class Pipeline:
             }
         return None
 
-    def _fingerprint(self, name: str, record: dict | None = None) -> str | None:
+    def _fingerprint(self, name: str, record: dict) -> str | None:
         """Digest of what stage ``name`` produced for the later stages (None when it is not there); the
-        tokenizer's and the MLLM's folders are read from ``record`` (default: the stage's record of this run)."""
+        tokenizer's and the MLLM's folders are read from the stage's ``record``."""
         if name == "world":
             return _digest(self.world, [self.world / "metadata.json"])
         if name == "codes":
             return _digest(self.codes_dir)
-        record = record or self.records.get(name)
-        folder = record and record["result"].get(PRODUCTS[name])
+        folder = record["result"].get(PRODUCTS[name])
         return _digest(Path(folder)) if folder else None
 
     # ------------------------------------------------------------------ stages
