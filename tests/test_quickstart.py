@@ -6,6 +6,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import pytest
+
 from unitok.scripts import quickstart, quickstart_report
 
 SECTIONS = (
@@ -100,3 +102,19 @@ def test_prompt_wrap_keeps_every_word_and_the_width():
     assert all(len(line) <= 20 for line in lines) and len(lines) == 4
     assert quickstart_report._wrap("incomprehensibilities x", len, 5) == ["incomprehensibilities", "x"]
     assert quickstart_report._wrap("", len, 5) == [""]
+
+
+def test_recipe_fields_take_numbers_in_any_yaml_spelling():
+    from unitok.scripts.quickstart_mllm import MLLMRecipe, SamplingRecipe
+
+    # YAML reads 5e-3 (no dot) as a string; the recipe must get the float.
+    parsed = quickstart._parse_fields(MLLMRecipe, ["lr=5e-3", "steps=1600", "generation_fraction=0.25"])
+    assert parsed == {"lr": 0.005, "steps": 1600, "generation_fraction": 0.25}
+    assert isinstance(parsed["lr"], float) and isinstance(parsed["steps"], int)
+    assert quickstart._parse_fields(SamplingRecipe, ["cfg_scale=3", "top_k=null"]) == {
+        "cfg_scale": 3.0,
+        "top_k": None,
+    }
+    for bad, says in (("steps=1.5", "steps must be an integer"), ("lr=fast", "lr must be a number")):
+        with pytest.raises(SystemExit, match=says):
+            quickstart._parse_fields(MLLMRecipe, [bad])
