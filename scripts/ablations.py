@@ -67,8 +67,8 @@ BASE_MODEL = {
     "vocab_width": 64,
     "quant_proj": "attn",
 }
-# The default budget: 1200 steps x batch 16 (the quick start's batch; it trains 1400 steps).
-DEFAULT_STEPS = 1200
+# The default budget: the quick start's, 1600 steps x batch 16.
+DEFAULT_STEPS = 1600
 DEFAULT_BATCH = 16
 ZERO_SHOT_ATTRIBUTES = ("shape", "color")
 
