@@ -134,31 +134,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def _parse_fields(cls, items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> field values of the dataclass ``cls``, numbers converted to the field's type
-    (YAML reads ``5e-3`` as a string)."""
+    """``KEY=VALUE`` strings -> field values of the dataclass ``cls``, converted to the fields' types (YAML reads
+    ``5e-3`` as a string)."""
     import yaml
 
-    from unitok.tokenizer.training.config import _to_float, _to_int
+    from unitok.tokenizer.training.config import convert_fields
 
-    known = {f.name: f for f in fields(cls)}
-    out = {}
+    known = {f.name for f in fields(cls)}
+    raw = {}
     for item in items:
-        key, sep, raw = item.partition("=")
+        key, sep, value = item.partition("=")
         if not sep or key not in known:
             raise SystemExit(f"expected KEY=VALUE with KEY one of {sorted(known)}, got {item!r}")
-        value = yaml.safe_load(raw)
-        kinds = {part.strip() for part in str(known[key].type).split("|")}
-        try:
-            if value is None and "None" in kinds:
-                pass
-            elif "float" in kinds:
-                value = _to_float(value, key)
-            elif "int" in kinds:
-                value = _to_int(value, key)
-        except ValueError as err:
-            raise SystemExit(f"{cls.__name__} {err}") from None
-        out[key] = value
-    return out
+        raw[key] = yaml.safe_load(value)
+    try:
+        return convert_fields(cls, raw)
+    except ValueError as err:
+        raise SystemExit(f"{cls.__name__} {err}") from None
 
 
 class Pipeline:

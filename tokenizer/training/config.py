@@ -480,12 +480,17 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         names = [f"{where}.{key}" if where else key for key in unknown]
         raise ValueError(f"unknown key(s) {names} in {label}; known keys: {sorted(known)}")
+    return cls(**convert_fields(cls, data, where))
+
+
+def convert_fields(cls: type, data: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``data`` (field name -> value, as YAML reads it) with each value converted to the field's type hint of the
+    dataclass ``cls``; a value that does not fit raises ValueError naming ``where.field``."""
     hints = typing.get_type_hints(cls)
-    kwargs = {
+    return {
         name: _convert(hints[name], value, f"{where}.{name}" if where else name)
         for name, value in data.items()
     }
-    return cls(**kwargs)
 
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
