@@ -153,7 +153,15 @@ def training_arguments(config: RunConfig) -> tuple[dict[str, Any], bool]:
     kwargs["remove_unused_columns"] = False
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
+    known = set(types)
+    for key, value in kwargs.items():
+        # YAML reads 5e-3 (no dot) as a string, which TrainingArguments would keep as one.
+        if isinstance(value, str) and types.get(key) in (float, "float"):
+            try:
+                kwargs[key] = float(value)
+            except ValueError:
+                raise ValueError(f"training.{key} must be a number, got {value!r}") from None
     if "warmup_ratio" in kwargs and "warmup_ratio" not in known:
         # LLaVA-style scripts say warmup_ratio; transformers >= 5 reads a fraction < 1 from warmup_steps.
         kwargs["warmup_steps"] = float(kwargs.pop("warmup_ratio"))

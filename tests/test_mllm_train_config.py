@@ -89,3 +89,11 @@ def test_loss_options_pass_through_to_the_model_config():
     )
     with pytest.raises(ValueError, match="loss_weighting"):
         build_mllm_config(bad)
+
+
+def test_float_arguments_in_any_yaml_spelling_reach_the_trainer_as_numbers():
+    # YAML reads 5e-3 (no dot) as a string; TrainingArguments would keep it and AdamW would fail on it.
+    kwargs, _ = training_arguments(load_run_config("mllm-tiny-synth", ["training.learning_rate=5e-3"]))
+    assert kwargs["learning_rate"] == 0.005 and isinstance(kwargs["learning_rate"], float)
+    with pytest.raises(ValueError, match=r"training\.weight_decay must be a number"):
+        training_arguments(load_run_config("mllm-tiny-synth", ["training.weight_decay=lots"]))
