@@ -13,7 +13,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install install-core install-all quickstart test lint check-floors clean browser
 
+# A new environment takes about 8 GB (PyPI's Linux torch is the CUDA build): say so before pip runs out of disk.
 $(VENV)/.venv-created:
+	@free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
+	if [ -n "$$free_kb" ] && [ "$$free_kb" -lt 10000000 ]; then \
+		echo "WARNING: $$((free_kb / 1048576)) GiB free here; the virtual environment needs about 8 GiB (torch and its CUDA libraries)"; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	touch $@

@@ -47,6 +47,7 @@ from unitok.tokenizer.losses import (
     discriminator_loss,
     gan_schedule,
     generator_loss,
+    hard_negative_loss,
 )
 from unitok.tokenizer.training import checkpointing, distributed
 from unitok.tokenizer.training.checkpoint_state import CheckpointMixin
@@ -172,6 +173,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             info=info,
             position=self.position,
             resumed=self.resumed_from is not None,
+            negatives=self.clip_loss is not None and config.loss.clip_negatives > 0,
         )
         self.monitor = Monitor(
             config.logging, self.output_dir, info.is_main, self.total_steps, self.step, config.to_dict()
@@ -331,8 +333,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         config = self.config
         recon_bs = config.train.recon_batch_size or img.shape[0]
         with self.gen.sync(sync):
+            # Hard negatives come as ids [B, 2, T] (caption, negative): one text-tower pass over both.
+            texts = None if self.clip_loss is None else ids.flatten(0, 1) if ids.ndim == 3 else ids
             with self._autocast():
-                out = self.gen(img, ids if self.clip_loss is not None else None, recon_batch_size=recon_bs)
+                out = self.gen(img, texts, recon_batch_size=recon_bs)
             adaptive = warm > 0 and config.disc.adaptive
             # With the adaptive GAN weight the reconstruction and GAN losses see a detached copy of the
             # reconstruction, so that LPIPS and the discriminator are back-propagated once each (see
@@ -348,7 +352,16 @@ class Trainer(CheckpointMixin, EvaluationMixin):
                 "entropy": out.entropy_loss,
             }
             if self.clip_loss is not None:
-                clip = self.clip_loss(out.image_features.float(), out.text_features.float(), out.logit_scale)
+                image_features, text_features = out.image_features.float(), out.text_features.float()
+                if ids.ndim == 3:
+                    pairs = text_features.unflatten(0, (ids.shape[0], 2))
+                    text_features, negatives = pairs[:, 0], pairs[:, 1]
+                    negative = hard_negative_loss(
+                        image_features, text_features, negatives, ids[:, 1, 0] != 0, out.logit_scale
+                    )
+                    model_terms = model_terms + config.loss.clip_negatives * negative
+                    parts["clip_neg"] = negative
+                clip = self.clip_loss(image_features, text_features, out.logit_scale)
                 model_terms = model_terms + config.loss.clip * clip
                 parts["clip"] = clip
             total = rec.total + model_terms

@@ -5,7 +5,7 @@ All weights are arguments; the trainer passes them from its run config. Nothing 
 or downloads anything at import time.
 """
 
-from .contrastive import ClipLoss
+from .contrastive import ClipLoss, hard_negative_loss
 from .diffaug import (
     adjust_color,
     blur_kernel,
@@ -55,6 +55,7 @@ __all__ = [
     "gan_schedule",
     "gaussian_blur",
     "generator_loss",
+    "hard_negative_loss",
     "hinge_d_loss",
     "hinge_g_loss",
     "load_weights_file",

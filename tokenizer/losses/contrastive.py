@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss as _OpenClipLoss
+from torch.nn import functional as F
 
-__all__ = ["ClipLoss"]
+__all__ = ["ClipLoss", "hard_negative_loss"]
 
 
 class ClipLoss(_OpenClipLoss):
@@ -55,3 +56,33 @@ class ClipLoss(_OpenClipLoss):
                 f"ClipLoss(world_size={self.world_size}) needs an initialised torch.distributed process group"
             )
         return super().forward(image_features_BE, text_features_BE, logit_scale)
+
+
+def hard_negative_loss(
+    image_features_BE: torch.Tensor,
+    text_features_BE: torch.Tensor,
+    negative_features_BE: torch.Tensor,
+    valid_B: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Two-way cross-entropy of each image between its caption and that caption's hard negative (NegCLIP).
+
+    ``-log softmax(s [<I_i,T_i>, <I_i,N_i>])[0]`` averaged over the rows where ``valid_B`` is true (a caption
+    that had a word to swap); 0 (with gradients of zero) when no row is valid. The features are expected to
+    be L2-normalised, ``logit_scale`` already exponentiated. Every row is local to this process.
+    """
+    if not image_features_BE.shape == text_features_BE.shape == negative_features_BE.shape:
+        raise ValueError(
+            "expected image, caption and negative features of one shape [B,E], got "
+            f"{list(image_features_BE.shape)}, {list(text_features_BE.shape)}, {list(negative_features_BE.shape)}"
+        )
+    if valid_B.shape != image_features_BE.shape[:1] or valid_B.dtype != torch.bool:
+        raise ValueError(
+            f"expected a bool mask [{image_features_BE.shape[0]}], got {valid_B.dtype} {list(valid_B.shape)}"
+        )
+    positive = (image_features_BE * text_features_BE).sum(-1)
+    negative = (image_features_BE * negative_features_BE).sum(-1)
+    # -log softmax([p, n])[0] = softplus(s (n - p))
+    per_row = F.softplus(logit_scale * (negative - positive))
+    weights = valid_B.to(per_row.dtype)
+    return (per_row * weights).sum() / weights.sum().clamp_min(1)

@@ -65,6 +65,10 @@ class DataSection:
     twice ``image_size`` (several times faster for large photos; the pixels differ slightly from a full
     decode).
 
+    ``negative_words`` gives every caption a hard negative for ``loss.clip_negatives``: the caption with one
+    word swapped for another of its group (``unitok.data.negatives``: ``synth-shape``, ``synth-color``,
+    ``synth``, or a text file with one group of interchangeable words per line).
+
     ``samples_per_epoch`` fixes the epoch length of the web dataset (default: one pass counted from the
     shards); the folder reader's epoch is its length. ``resume: exact`` fast-forwards the data stream
     to the checkpoint's position (exact, but a web dataset must re-read the consumed samples);
@@ -82,9 +86,17 @@ class DataSection:
     samples_per_epoch: int | None = None
     resume: Literal["exact", "reseed"] = "exact"
     synth: dict[str, Any] | None = None
+    negative_words: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path must name the image folder or the shards")
+        if self.negative_words:
+            from unitok.data.negatives import load_word_swap
+
+            try:
+                load_word_swap(self.negative_words)
+            except ValueError as err:
+                raise ValueError(f"data.negative_words: {err}") from None
         if self.synth is not None:
             from unitok.data.synth import SynthConfig
 
@@ -223,7 +235,10 @@ class LossSection:
     VGG16 through torchvision's cache, downloading once) or ``random`` (an untrained trunk: tests only).
     ``lpips_precision: bf16`` runs the VGG trunk under bf16 autocast instead of float32 (the release), and
     ``lpips_channels_last`` keeps it NHWC (see ``unitok.tokenizer.losses.LPIPS``).
-    ``clip: 0`` freezes the text tower and the CLIP head and skips them.
+    ``clip: 0`` freezes the text tower and the CLIP head and skips them. ``clip_negatives`` weighs a
+    hard-negative term (NegCLIP): each image must score its caption above the caption with one word swapped
+    (``data.negative_words``), a two-way cross-entropy at the CLIP temperature, averaged over the images
+    whose caption had a word to swap.
     """
 
     l1: float = 0.2
@@ -235,9 +250,10 @@ class LossSection:
     lpips_channels_last: bool = False
     vq: float = 1.0
     clip: float = 1.0
+    clip_negatives: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "vq", "clip"):
+        for name in ("l1", "l2", "lpips", "vq", "clip", "clip_negatives"):
             _check(getattr(self, name) >= 0, f"loss.{name} must be >= 0, got {getattr(self, name)}")
         _check(
             self.lpips == 0 or self.lpips_weights is not None,
@@ -423,6 +439,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir must not be empty")
+        _check(
+            self.loss.clip_negatives == 0 or (self.loss.clip > 0 and bool(self.data.negative_words)),
+            "loss.clip_negatives > 0 needs loss.clip > 0 and data.negative_words (a swap vocabulary: "
+            "synth-shape, synth-color, synth or a text file of word groups)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists): YAML/JSON-ready and safe for ``torch.load(weights_only=True)``."""

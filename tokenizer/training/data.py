@@ -30,6 +30,7 @@ import logging
 import os
 import shutil
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls, is_url
+from unitok.data.negatives import WordSwap, load_word_swap
 from unitok.data.transforms import train_transform
 from unitok.tokenizer.text import tokenize
 
@@ -213,10 +215,28 @@ def unpack_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class _Collate:
-    """Stack images (as uint8 when lossless), tokenize captions (open_clip BPE, in the worker), sum the skip counts."""
+    """Stack images (as uint8 when lossless), tokenize captions (open_clip BPE, in the worker), sum the skip counts.
 
-    def __init__(self, context_length: int):
+    With a ``WordSwap`` each caption also gets a hard negative (one word swapped) and the text ids become
+    ``[B, 2, T]``: the caption, then its negative, an all-zero row where no word of the caption can be swapped.
+    The swaps are drawn from a generator seeded by the batch's captions, so a resumed run draws the same ones.
+    """
+
+    def __init__(self, context_length: int, negatives: WordSwap | None = None):
         self.context_length = context_length
+        self.negatives = negatives
+
+    def _tokenize(self, captions: list[str]) -> torch.Tensor:
+        ids = tokenize(captions, self.context_length)
+        if self.negatives is None:
+            return ids
+        rng = np.random.default_rng(zlib.crc32("\n".join(captions).encode("utf-8")))
+        swapped = [self.negatives.negative(caption, rng) for caption in captions]
+        found = [i for i, text in enumerate(swapped) if text is not None]
+        negative_ids = torch.zeros_like(ids)
+        if found:
+            negative_ids[found] = tokenize([swapped[i] for i in found], self.context_length)
+        return torch.stack([ids, negative_ids], dim=1)
 
     def __call__(
         self, samples: list[tuple[torch.Tensor, str, int]]
@@ -226,11 +246,13 @@ class _Collate:
         if not samples:  # only the skip count of a worker's last shards
             return (
                 torch.empty(0, dtype=torch.uint8),
-                torch.empty(0, self.context_length, dtype=torch.long),
+                torch.empty(
+                    0, *(() if self.negatives is None else (2,)), self.context_length, dtype=torch.long
+                ),
                 skipped,
             )
         images, captions, _ = zip(*samples)
-        return pack_uint8(torch.stack(images)), tokenize(list(captions), self.context_length), skipped
+        return pack_uint8(torch.stack(images)), self._tokenize(list(captions)), skipped
 
 
 def count_shard_samples(shards: list[str]) -> int:
@@ -296,7 +318,8 @@ def shard_source(section: DataSection) -> str:
 
 
 class BatchStream:
-    """Endless micro-batches ``(img_B3HW in [-1,1], text ids [B, context_length])`` from a ``DataPosition``.
+    """Endless micro-batches ``(img_B3HW in [-1,1], text ids [B, context_length])`` from a ``DataPosition``
+    (text ids ``[B, 2, context_length]`` with ``data.negative_words``: each caption and its hard negative).
 
     Attributes:
         batches_per_epoch: micro-batches per process per epoch.
@@ -315,6 +338,7 @@ class BatchStream:
         position: DataPosition,
         context_length: int,
         resumed: bool,
+        negatives: WordSwap | None = None,
     ):
         self.section = section
         self.dataset = dataset
@@ -322,7 +346,7 @@ class BatchStream:
         self.local_batch_size = local_batch_size
         self.seed = seed
         self.info = info
-        self.collate = _Collate(context_length)
+        self.collate = _Collate(context_length, negatives)
         epoch_samples = section.samples_per_epoch or dataset_size
         steps_per_epoch = epoch_samples // (local_batch_size * info.world_size * grad_accum)
         if steps_per_epoch < 1:
@@ -396,7 +420,7 @@ class BatchStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch of this process: images ``[B,3,S,S]`` in [-1,1] already on the training
-        device, text ids ``[B,T]`` on the CPU."""
+        device, text ids ``[B,T]`` (``[B,2,T]`` with hard negatives) on the CPU."""
         if self._batch >= self.batches_per_epoch:
             self._epoch, self._batch, self._restarts = self._epoch + 1, 0, 0
             self._iterator = self._open(fast_forward=False)
@@ -441,8 +465,13 @@ def build_stream(
     info: DistInfo,
     position: DataPosition,
     resumed: bool,
+    negatives: bool = False,
 ) -> BatchStream:
-    """Open the reader that ``section`` names and wrap it in a ``BatchStream`` at ``position``."""
+    """Open the reader that ``section`` names and wrap it in a ``BatchStream`` at ``position``; with
+    ``negatives`` each caption comes with its hard negative from ``section.negative_words``."""
+    if negatives and not section.negative_words:
+        raise ValueError("hard-negative captions need data.negative_words (a swap vocabulary)")
+    swap = load_word_swap(section.negative_words) if negatives else None
     transform = train_transform(image_size, scale=section.crop_scale, interpolation=section.interpolation)
     draft = JPEG_DRAFT_FACTOR * image_size if section.jpeg_draft else None
     check_shared_memory(section.num_workers, local_batch_size, image_size)
@@ -469,5 +498,15 @@ def build_stream(
     if size == 0:
         raise ValueError(f"data.path {section.path!r} holds no samples")
     return BatchStream(
-        section, dataset, size, local_batch_size, grad_accum, seed, info, position, context_length, resumed
+        section,
+        dataset,
+        size,
+        local_batch_size,
+        grad_accum,
+        seed,
+        info,
+        position,
+        context_length,
+        resumed,
+        swap,
     )
