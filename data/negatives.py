@@ -6,13 +6,14 @@ colour) describes a different image. Used as an extra negative of the contrastiv
 so the loss has to learn that attribute even when the rest of the batch can be matched without it.
 
 A swap vocabulary is a list of groups of interchangeable words. Named vocabularies cover the built-in
-synthetic world (``synth-shape``, ``synth-color``, ``synth``: both); any other value is read as a text file with
-one group per line, its words separated by white space (``#`` starts a comment)::
+synthetic world (``synth-shape``, ``synth-color``, ``synth``: a shape or a colour); any other value is read as a
+text file with one group per line, its words separated by white space (``#`` starts a comment)::
 
     circle square triangle
     circles squares triangles
 
-Singular and plural forms go in separate groups, so a swap keeps the grammar of the caption.
+Singular and plural forms go in separate groups, so a swap keeps the grammar of the caption. Several
+vocabularies joined by ``+`` (``synth-shape+synth-color``) give each caption one negative per vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NAMED_VOCABULARIES", "WordSwap", "load_word_swap"]
+__all__ = ["NAMED_VOCABULARIES", "WordSwap", "load_word_swap", "load_word_swaps"]
 
 _WORD = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*")
 _ARTICLE = re.compile(r"(?:^|(?<=\W))(an?|An?) $")
@@ -117,3 +118,11 @@ def load_word_swap(spec: str) -> WordSwap:
         return WordSwap(groups)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def load_word_swaps(spec: str) -> list[WordSwap]:
+    """One ``WordSwap`` per ``+``-separated vocabulary of ``spec`` (each as :func:`load_word_swap` reads it)."""
+    parts = [part.strip() for part in spec.split("+")]
+    if not all(parts):
+        raise ValueError(f"negative words {spec!r}: an empty vocabulary between '+' signs")
+    return [load_word_swap(part) for part in parts]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tokenizer_runs import make_world, run
 
-from unitok.data.negatives import WordSwap, load_word_swap
+from unitok.data.negatives import WordSwap, load_word_swap, load_word_swaps
 from unitok.data.world import COLOR_NAMES, SHAPES
 from unitok.tokenizer.losses import hard_negative_loss
 from unitok.tokenizer.training.config import load_run_config
@@ -90,15 +90,35 @@ def test_hard_negative_loss_by_hand_and_masked_rows():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     none = hard_negative_loss(image, text, negative, torch.zeros(3, dtype=torch.bool), scale)
     assert none.item() == 0.0
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(ValueError, match=r"negative features \[B,N,E\]"):
         hard_negative_loss(image, text[:2], negative, valid, scale)
     with pytest.raises(ValueError, match="bool mask"):
         hard_negative_loss(image, text, negative, valid.float(), scale)
 
 
+def test_several_negatives_per_caption_share_one_softmax_and_missing_ones_drop_out():
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    negatives = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.8, 0.6], [1.0, 0.0]]])
+    valid = torch.tensor([[True, True], [False, True]])
+    scale = 2.0
+    # row 0: p = 0.6 against 1.0 and 0.0; row 1: p = 1.0 against 0.0 only (its first negative is missing)
+    row0 = math.log(math.exp(1.2) + math.exp(2.0) + math.exp(0.0)) - 1.2
+    row1 = math.log(math.exp(2.0) + math.exp(0.0)) - 2.0
+    loss = hard_negative_loss(image, text, negatives, valid, scale)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    # One negative as [B,E] with a [B] mask is the N = 1 case.
+    single = hard_negative_loss(image, text, negatives[:, 1], valid[:, 1], scale)
+    assert single.item() == pytest.approx(
+        hard_negative_loss(image, text, negatives[:, 1:], valid[:, 1:], scale).item()
+    )
+    with pytest.raises(ValueError, match="bool mask"):
+        hard_negative_loss(image, text, negatives, valid[:, :1], scale)
+
+
 def test_collated_ids_hold_each_caption_and_its_negative_reproducibly():
     samples = [(torch.zeros(3, 8, 8), caption, 0) for caption in ("a red star", "nothing here", "two rings")]
-    collate = _Collate(16, load_word_swap("synth-shape"))
+    collate = _Collate(16, load_word_swaps("synth-shape"))
     _, ids, skipped = collate(samples)
     assert ids.shape == (3, 2, 16) and ids.dtype == torch.long and int(skipped) == 0
     assert torch.equal(ids[:, 0], _Collate(16)(samples)[1])
@@ -107,6 +127,13 @@ def test_collated_ids_hold_each_caption_and_its_negative_reproducibly():
     assert torch.equal(collate(samples)[1], ids)  # the same batch draws the same swaps (exact resume)
     empty = collate([(None, "", 2)])
     assert empty[1].shape == (0, 2, 16) and int(empty[2]) == 2
+    # One negative per vocabulary: a shape swap, then a colour swap ("two rings" names no colour).
+    both = _Collate(16, load_word_swaps("synth-shape+synth-color"))(samples)[1]
+    assert both.shape == (3, 3, 16) and torch.equal(both[:, 0], ids[:, 0])
+    assert both[0, 1].any() and both[0, 2].any() and both[2, 1].any() and not both[2, 2].any()
+    assert not torch.equal(both[0, 1], both[0, 2])
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        load_word_swaps("synth-shape+")
 
 
 def test_config_needs_a_vocabulary_for_the_negative_term():
@@ -114,10 +141,12 @@ def test_config_needs_a_vocabulary_for_the_negative_term():
         load_run_config("unitok-tiny-synth", ["loss.clip_negatives=0.5"])
     with pytest.raises(ValueError, match=r"data\.negative_words"):
         load_run_config("unitok-tiny-synth", ["data.negative_words=no-such-vocabulary.txt"])
+    with pytest.raises(ValueError, match=r"data\.negative_words.*no-such"):
+        load_run_config("unitok-tiny-synth", ["data.negative_words=synth-shape+no-such.txt"])
     config = load_run_config(
-        "unitok-tiny-synth", ["loss.clip_negatives=0.5", "data.negative_words=synth-shape"]
+        "unitok-tiny-synth", ["loss.clip_negatives=0.5", "data.negative_words=synth-shape+synth-color"]
     )
-    assert (config.loss.clip_negatives, config.data.negative_words) == (0.5, "synth-shape")
+    assert (config.loss.clip_negatives, config.data.negative_words) == (0.5, "synth-shape+synth-color")
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +166,11 @@ def test_a_run_with_hard_negatives_logs_the_term_and_trains_differently(world, t
     # The same batches and the same CLIP loss at step 1; the extra term changes the update.
     assert records[0]["clip"] == pytest.approx(plain[0]["clip"], rel=1e-5)
     assert records[1]["clip"] != pytest.approx(plain[1]["clip"], rel=1e-6)
+
+
+def test_a_run_with_two_negatives_per_caption_starts_near_ln_3(world, tmp_path):
+    run(tmp_path / "two", world, "data.negative_words=synth-shape+synth-color", "loss.clip_negatives=1.0")
+    records = [json.loads(line) for line in (tmp_path / "two" / METRICS_FILE).read_text().splitlines()]
+    # Some captions of the world name no colour: their rows have one negative (ln 2), the rest two (ln 3).
+    assert math.log(2) - 0.15 < records[0]["clip_neg"] < math.log(3) + 0.15
+    assert all(math.isfinite(r["loss"]) for r in records)

@@ -333,7 +333,7 @@ class Trainer(CheckpointMixin, EvaluationMixin):
         config = self.config
         recon_bs = config.train.recon_batch_size or img.shape[0]
         with self.gen.sync(sync):
-            # Hard negatives come as ids [B, 2, T] (caption, negative): one text-tower pass over both.
+            # Hard negatives come as ids [B, 1+N, T] (caption, negatives): one text-tower pass over all.
             texts = None if self.clip_loss is None else ids.flatten(0, 1) if ids.ndim == 3 else ids
             with self._autocast():
                 out = self.gen(img, texts, recon_batch_size=recon_bs)
@@ -354,10 +354,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             if self.clip_loss is not None:
                 image_features, text_features = out.image_features.float(), out.text_features.float()
                 if ids.ndim == 3:
-                    pairs = text_features.unflatten(0, (ids.shape[0], 2))
-                    text_features, negatives = pairs[:, 0], pairs[:, 1]
+                    rows = text_features.unflatten(0, ids.shape[:2])
+                    text_features, negatives = rows[:, 0], rows[:, 1:]
                     negative = hard_negative_loss(
-                        image_features, text_features, negatives, ids[:, 1, 0] != 0, out.logit_scale
+                        image_features, text_features, negatives, ids[:, 1:, 0] != 0, out.logit_scale
                     )
                     model_terms = model_terms + config.loss.clip_negatives * negative
                     parts["clip_neg"] = negative

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss as _OpenClipLoss
-from torch.nn import functional as F
 
 __all__ = ["ClipLoss", "hard_negative_loss"]
 
@@ -61,28 +60,40 @@ class ClipLoss(_OpenClipLoss):
 def hard_negative_loss(
     image_features_BE: torch.Tensor,
     text_features_BE: torch.Tensor,
-    negative_features_BE: torch.Tensor,
-    valid_B: torch.Tensor,
+    negative_features_BNE: torch.Tensor,
+    valid_BN: torch.Tensor,
     logit_scale: torch.Tensor | float,
 ) -> torch.Tensor:
-    """Two-way cross-entropy of each image between its caption and that caption's hard negative (NegCLIP).
+    """Cross-entropy of each image over its caption and that caption's hard negatives (NegCLIP).
 
-    ``-log softmax(s [<I_i,T_i>, <I_i,N_i>])[0]`` averaged over the rows where ``valid_B`` is true (a caption
-    that had a word to swap); 0 (with gradients of zero) when no row is valid. The features are expected to
-    be L2-normalised, ``logit_scale`` already exponentiated. Every row is local to this process.
+    ``-log softmax(s [<I_i,T_i>, <I_i,N_i1>, ..., <I_i,N_iN>])[0]`` with the negatives where ``valid_BN`` is
+    false left out (a caption that had no word to swap), averaged over the rows with at least one valid
+    negative; 0 (with gradients of zero) when there is none. One negative per row may come as ``[B,E]`` with
+    a ``[B]`` mask. The features are expected to be L2-normalised, ``logit_scale`` already exponentiated.
+    Every row is local to this process.
     """
-    if not image_features_BE.shape == text_features_BE.shape == negative_features_BE.shape:
+    if negative_features_BNE.ndim == 2:
+        negative_features_BNE, valid_BN = negative_features_BNE.unsqueeze(1), valid_BN.unsqueeze(1)
+    batch, width = image_features_BE.shape if image_features_BE.ndim == 2 else (None, None)
+    if (
+        batch is None
+        or text_features_BE.shape != image_features_BE.shape
+        or negative_features_BNE.ndim != 3
+        or negative_features_BNE.shape[0] != batch
+        or negative_features_BNE.shape[2] != width
+    ):
         raise ValueError(
-            "expected image, caption and negative features of one shape [B,E], got "
-            f"{list(image_features_BE.shape)}, {list(text_features_BE.shape)}, {list(negative_features_BE.shape)}"
+            "expected image and caption features [B,E] and negative features [B,N,E] (or [B,E]), got "
+            f"{list(image_features_BE.shape)}, {list(text_features_BE.shape)}, {list(negative_features_BNE.shape)}"
         )
-    if valid_B.shape != image_features_BE.shape[:1] or valid_B.dtype != torch.bool:
+    if valid_BN.shape != negative_features_BNE.shape[:2] or valid_BN.dtype != torch.bool:
         raise ValueError(
-            f"expected a bool mask [{image_features_BE.shape[0]}], got {valid_B.dtype} {list(valid_B.shape)}"
+            f"expected a bool mask {list(negative_features_BNE.shape[:2])}, got {valid_BN.dtype} {list(valid_BN.shape)}"
         )
-    positive = (image_features_BE * text_features_BE).sum(-1)
-    negative = (image_features_BE * negative_features_BE).sum(-1)
-    # -log softmax([p, n])[0] = softplus(s (n - p))
-    per_row = F.softplus(logit_scale * (negative - positive))
-    weights = valid_B.to(per_row.dtype)
+    positive_B = (image_features_BE * text_features_BE).sum(-1)
+    negative_BN = torch.einsum("be,bne->bn", image_features_BE, negative_features_BNE)
+    logits = logit_scale * torch.cat([positive_B[:, None], negative_BN], dim=1)
+    keep = torch.cat([valid_BN.new_ones(batch, 1), valid_BN], dim=1)
+    per_row = torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=1) - logits[:, 0]
+    weights = valid_BN.any(dim=1).to(per_row.dtype)
     return (per_row * weights).sum() / weights.sum().clamp_min(1)

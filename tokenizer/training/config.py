@@ -67,7 +67,8 @@ class DataSection:
 
     ``negative_words`` gives every caption a hard negative for ``loss.clip_negatives``: the caption with one
     word swapped for another of its group (``unitok.data.negatives``: ``synth-shape``, ``synth-color``,
-    ``synth``, or a text file with one group of interchangeable words per line).
+    ``synth``, or a text file with one group of interchangeable words per line); vocabularies joined by ``+``
+    give one negative each.
 
     ``samples_per_epoch`` fixes the epoch length of the web dataset (default: one pass counted from the
     shards); the folder reader's epoch is its length. ``resume: exact`` fast-forwards the data stream
@@ -91,10 +92,10 @@ class DataSection:
     def __post_init__(self) -> None:
         _check(bool(self.path), "data.path must name the image folder or the shards")
         if self.negative_words:
-            from unitok.data.negatives import load_word_swap
+            from unitok.data.negatives import load_word_swaps
 
             try:
-                load_word_swap(self.negative_words)
+                load_word_swaps(self.negative_words)
             except ValueError as err:
                 raise ValueError(f"data.negative_words: {err}") from None
         if self.synth is not None:
@@ -237,8 +238,8 @@ class LossSection:
     ``lpips_channels_last`` keeps it NHWC (see ``unitok.tokenizer.losses.LPIPS``).
     ``clip: 0`` freezes the text tower and the CLIP head and skips them. ``clip_negatives`` weighs a
     hard-negative term (NegCLIP): each image must score its caption above the caption with one word swapped
-    (``data.negative_words``), a two-way cross-entropy at the CLIP temperature, averaged over the images
-    whose caption had a word to swap.
+    (``data.negative_words``; one such negative per vocabulary), a cross-entropy over the caption and its
+    negatives at the CLIP temperature, averaged over the images whose caption had a word to swap.
     """
 
     l1: float = 0.2

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls, is_url
-from unitok.data.negatives import WordSwap, load_word_swap
+from unitok.data.negatives import WordSwap, load_word_swaps
 from unitok.data.transforms import train_transform
 from unitok.tokenizer.text import tokenize
 
@@ -217,26 +217,30 @@ def unpack_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 class _Collate:
     """Stack images (as uint8 when lossless), tokenize captions (open_clip BPE, in the worker), sum the skip counts.
 
-    With a ``WordSwap`` each caption also gets a hard negative (one word swapped) and the text ids become
-    ``[B, 2, T]``: the caption, then its negative, an all-zero row where no word of the caption can be swapped.
-    The swaps are drawn from a generator seeded by the batch's captions, so a resumed run draws the same ones.
+    With ``WordSwap`` vocabularies each caption also gets one hard negative per vocabulary (one word swapped)
+    and the text ids become ``[B, 1 + N, T]``: the caption, then its N negatives, an all-zero row where no word
+    of the caption can be swapped. The swaps are drawn from a generator seeded by the batch's captions, so a
+    resumed run draws the same ones.
     """
 
-    def __init__(self, context_length: int, negatives: WordSwap | None = None):
+    def __init__(self, context_length: int, negatives: list[WordSwap] | None = None):
         self.context_length = context_length
-        self.negatives = negatives
+        self.negatives = negatives or []
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
         ids = tokenize(captions, self.context_length)
-        if self.negatives is None:
+        if not self.negatives:
             return ids
         rng = np.random.default_rng(zlib.crc32("\n".join(captions).encode("utf-8")))
-        swapped = [self.negatives.negative(caption, rng) for caption in captions]
-        found = [i for i, text in enumerate(swapped) if text is not None]
-        negative_ids = torch.zeros_like(ids)
-        if found:
-            negative_ids[found] = tokenize([swapped[i] for i in found], self.context_length)
-        return torch.stack([ids, negative_ids], dim=1)
+        rows = [ids]
+        for swap in self.negatives:
+            swapped = [swap.negative(caption, rng) for caption in captions]
+            found = [i for i, text in enumerate(swapped) if text is not None]
+            negative_ids = torch.zeros_like(ids)
+            if found:
+                negative_ids[found] = tokenize([swapped[i] for i in found], self.context_length)
+            rows.append(negative_ids)
+        return torch.stack(rows, dim=1)
 
     def __call__(
         self, samples: list[tuple[torch.Tensor, str, int]]
@@ -247,7 +251,10 @@ class _Collate:
             return (
                 torch.empty(0, dtype=torch.uint8),
                 torch.empty(
-                    0, *(() if self.negatives is None else (2,)), self.context_length, dtype=torch.long
+                    0,
+                    *((1 + len(self.negatives),) if self.negatives else ()),
+                    self.context_length,
+                    dtype=torch.long,
                 ),
                 skipped,
             )
@@ -319,7 +326,7 @@ def shard_source(section: DataSection) -> str:
 
 class BatchStream:
     """Endless micro-batches ``(img_B3HW in [-1,1], text ids [B, context_length])`` from a ``DataPosition``
-    (text ids ``[B, 2, context_length]`` with ``data.negative_words``: each caption and its hard negative).
+    (text ids ``[B, 1 + N, context_length]`` with ``data.negative_words``: each caption and its N hard negatives).
 
     Attributes:
         batches_per_epoch: micro-batches per process per epoch.
@@ -338,7 +345,7 @@ class BatchStream:
         position: DataPosition,
         context_length: int,
         resumed: bool,
-        negatives: WordSwap | None = None,
+        negatives: list[WordSwap] | None = None,
     ):
         self.section = section
         self.dataset = dataset
@@ -420,7 +427,7 @@ class BatchStream:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next micro-batch of this process: images ``[B,3,S,S]`` in [-1,1] already on the training
-        device, text ids ``[B,T]`` (``[B,2,T]`` with hard negatives) on the CPU."""
+        device, text ids ``[B,T]`` (``[B,1+N,T]`` with N hard negatives) on the CPU."""
         if self._batch >= self.batches_per_epoch:
             self._epoch, self._batch, self._restarts = self._epoch + 1, 0, 0
             self._iterator = self._open(fast_forward=False)
@@ -471,7 +478,7 @@ def build_stream(
     ``negatives`` each caption comes with its hard negative from ``section.negative_words``."""
     if negatives and not section.negative_words:
         raise ValueError("hard-negative captions need data.negative_words (a swap vocabulary)")
-    swap = load_word_swap(section.negative_words) if negatives else None
+    swaps = load_word_swaps(section.negative_words) if negatives else None
     transform = train_transform(image_size, scale=section.crop_scale, interpolation=section.interpolation)
     draft = JPEG_DRAFT_FACTOR * image_size if section.jpeg_draft else None
     check_shared_memory(section.num_workers, local_batch_size, image_size)
@@ -508,5 +515,5 @@ def build_stream(
         position,
         context_length,
         resumed,
-        swap,
+        swaps,
     )
