@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizer_runs import make_world, run
+from tokenizer_runs import make_world, run, tiny_overrides, torchrun
 
 from unitok.data.negatives import WordSwap, load_word_swap, load_word_swaps
 from unitok.data.world import COLOR_NAMES, SHAPES
@@ -174,3 +174,23 @@ def test_a_run_with_two_negatives_per_caption_starts_near_ln_3(world, tmp_path):
     # Some captions of the world name no colour: their rows have one negative (ln 2), the rest two (ln 3).
     assert math.log(2) - 0.15 < records[0]["clip_neg"] < math.log(3) + 0.15
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_train_with_hard_negatives(world, tmp_path):
+    negatives = ("data.negative_words=synth-shape", "loss.clip_negatives=1.0")
+    single = tmp_path / "single"
+    run(single, world, "model.overrides.entropy_weight=0.0", *negatives)
+    ddp = tmp_path / "ddp"
+    torchrun(tiny_overrides(ddp, world, "train.local_batch_size=4", *negatives))
+    read = lambda out: [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]  # noqa: E731
+    mine, reference = read(ddp), read(single)
+    assert [r["samples"] for r in mine] == [8, 16]
+    # Step 1 sees the same images and captions split over the two processes: the pixel and in-batch CLIP
+    # terms match. The swaps are drawn per local batch, so the negatives themselves differ: the term is
+    # compared with its start near ln 2, not to the digit.
+    for key in ("l2", "clip"):
+        assert mine[0][key] == pytest.approx(reference[0][key], rel=1e-4), key
+    for records in (mine, reference):
+        assert records[0]["clip_neg"] == pytest.approx(math.log(2), abs=0.15)
+        assert all(math.isfinite(r["loss"]) and math.isfinite(r["clip_neg"]) for r in records)
