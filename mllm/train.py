@@ -38,6 +38,7 @@ from unitok.data.mllm_data import (
 )
 from unitok.mllm.config import MLLM_PRESETS, MLLMConfig
 from unitok.mllm.training.config import RunConfig, load_deepspeed_config, load_run_config, preset_names
+from unitok.tokenizer.training.config import to_float
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +159,7 @@ def training_arguments(config: RunConfig) -> tuple[dict[str, Any], bool]:
     for key, value in kwargs.items():
         # YAML reads 5e-3 (no dot) as a string, which TrainingArguments would keep as one.
         if isinstance(value, str) and types.get(key) in (float, "float"):
-            try:
-                kwargs[key] = float(value)
-            except ValueError:
-                raise ValueError(f"training.{key} must be a number, got {value!r}") from None
+            kwargs[key] = to_float(value, f"training.{key}")
     if "warmup_ratio" in kwargs and "warmup_ratio" not in known:
         # LLaVA-style scripts say warmup_ratio; transformers >= 5 reads a fraction < 1 from warmup_steps.
         kwargs["warmup_steps"] = float(kwargs.pop("warmup_ratio"))

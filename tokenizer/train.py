@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from unitok.data.negatives import load_word_swaps
 from unitok.tokenizer import UniTok
 from unitok.tokenizer.losses import (
     LPIPS,
@@ -173,7 +174,10 @@ class Trainer(CheckpointMixin, EvaluationMixin):
             info=info,
             position=self.position,
             resumed=self.resumed_from is not None,
-            negatives=self.clip_loss is not None and config.loss.clip_negatives > 0,
+            # RunConfig has checked that a positive weight comes with a vocabulary.
+            negatives=load_word_swaps(config.data.negative_words)
+            if self.clip_loss is not None and config.loss.clip_negatives > 0
+            else None,
         )
         self.monitor = Monitor(
             config.logging, self.output_dir, info.is_main, self.total_steps, self.step, config.to_dict()

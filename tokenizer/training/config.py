@@ -545,7 +545,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if hint is int:
         return _to_int(value, where)
     if hint is float:
-        return _to_float(value, where)
+        return to_float(value, where)
     if hint is str:
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
@@ -553,7 +553,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     raise TypeError(f"unsupported run-config field type {hint!r} at {where}")
 
 
-def _to_float(value: Any, where: str) -> float:
+def to_float(value: Any, where: str) -> float:
+    """``value`` as a finite float (numbers, or numbers written as strings); ValueError naming ``where``."""
     # YAML 1.1 reads ``1e-3`` (no dot) as a string, so numeric strings are accepted too.
     if isinstance(value, bool):
         raise ValueError(f"{where} must be a number, got {value!r}")
@@ -567,7 +568,7 @@ def _to_float(value: Any, where: str) -> float:
 
 
 def _to_int(value: Any, where: str) -> int:
-    number = _to_float(value, where)
+    number = to_float(value, where)
     if not number.is_integer():
         raise ValueError(f"{where} must be an integer, got {value!r}")
     return int(number)

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from unitok.data.datasets import IMAGE_EXTENSIONS, ImageTextFolder, ImageTextWebDataset, expand_urls, is_url
-from unitok.data.negatives import WordSwap, load_word_swaps
+from unitok.data.negatives import WordSwap
 from unitok.data.transforms import train_transform
 from unitok.tokenizer.text import tokenize
 
@@ -472,13 +472,10 @@ def build_stream(
     info: DistInfo,
     position: DataPosition,
     resumed: bool,
-    negatives: bool = False,
+    negatives: list[WordSwap] | None = None,
 ) -> BatchStream:
     """Open the reader that ``section`` names and wrap it in a ``BatchStream`` at ``position``; with
-    ``negatives`` each caption comes with its hard negative from ``section.negative_words``."""
-    if negatives and not section.negative_words:
-        raise ValueError("hard-negative captions need data.negative_words (a swap vocabulary)")
-    swaps = load_word_swaps(section.negative_words) if negatives else None
+    ``negatives`` each caption comes with one hard negative per vocabulary."""
     transform = train_transform(image_size, scale=section.crop_scale, interpolation=section.interpolation)
     draft = JPEG_DRAFT_FACTOR * image_size if section.jpeg_draft else None
     check_shared_memory(section.num_workers, local_batch_size, image_size)
@@ -515,5 +512,5 @@ def build_stream(
         position,
         context_length,
         resumed,
-        swaps,
+        negatives,
     )
