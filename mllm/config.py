@@ -16,7 +16,7 @@ from typing import Any
 
 LLM_DTYPES = ("float32", "bfloat16", "float16")
 LOSS_WEIGHTINGS = ("mean", "token_count")
-PROJECTORS = ("mlp", "causal_attn")
+PROJECTORS = ("mlp", "causal_attn", "window")
 DEPTH_HEADS = ("transformer", "llama")
 CONVERSATIONS = ("unitok", "vicuna_v1")
 IMAGE_RESIZES = ("crop", "pad")
@@ -58,7 +58,11 @@ class MLLMConfig:
             ``"causal_attn"``: the released merger, the MLLM's own copy of the K codebooks, an attention projection
             (UniTok's ``post_quant_proj`` layout, causal over the positions of one image, with its own KV cache
             when generating) to ``projector_attn_width``, then LayerNorm -> Linear -> GELU -> Linear.
+            ``"window"``: the same MLP over a causal window of the code grid, the position and its earlier
+            neighbours (``projector_window`` rows above, as many columns to each side; see
+            :class:`~unitok.mllm.projector.WindowProjector`), so that each visual token carries the local 2-D layout.
         projector_attn_width, projector_attn_heads: width and heads of the ``causal_attn`` attention projection.
+        projector_window: reach of the ``window`` projector in code positions (1: a masked 3x3 neighbourhood).
         depth_head: ``"transformer"``: a small transformer of its own width (``depth_*``). ``"llama"``: the released
             head, ``depth_layers`` Llama decoder layers built from the LLM's own config, an RMSNorm, one output layer
             (with bias) shared by all K sub-codes, and K-1 code embeddings of the LLM width.
@@ -102,6 +106,7 @@ class MLLMConfig:
     projector: str = "mlp"
     projector_attn_width: int = 1024
     projector_attn_heads: int = 16
+    projector_window: int = 1
     depth_head: str = "transformer"
     conversation: str = "unitok"
     t2i_suffix: str = ""
@@ -175,6 +180,12 @@ class MLLMConfig:
             raise ValueError(f"z_loss_weight must be a finite number >= 0, got {self.z_loss_weight}")
         if not math.isfinite(self.code_loss_weight):
             raise ValueError(f"code_loss_weight must be finite, got {self.code_loss_weight}")
+        if (
+            isinstance(self.projector_window, bool)
+            or not isinstance(self.projector_window, int)
+            or self.projector_window < 1
+        ):
+            raise ValueError(f"projector_window must be an integer >= 1, got {self.projector_window!r}")
         if self.projector_attn_width < 1 or self.projector_attn_heads < 1:
             raise ValueError(
                 f"projector_attn_width and projector_attn_heads must be >= 1, got "

@@ -132,7 +132,8 @@ class StaticImageLoop:
     """The sync-free image loop over preallocated state, for one batch shape and one set of sampling settings.
 
     It holds the LLM's ``transformers.StaticCache`` sized to prompt + positions, the causal merger's
-    :class:`~unitok.mllm.projector.StaticMergerCache`, the next cache slot as a 0-d tensor on the device, and the
+    :class:`~unitok.mllm.projector.StaticMergerCache` (the window projector's
+    :class:`~unitok.mllm.projector.StaticWindowCache`), the next cache slot as a 0-d tensor on the device, and the
     depth head and projector in the LLM's dtype (the model's own modules when they already are, else copies whose
     weights are refreshed at every run). :meth:`step` is one whole position: the depth head's K sub-steps with
     guidance and exponential-race sampling (its ``E`` drawn beforehand, so no generator inside), the new position's
@@ -155,7 +156,7 @@ class StaticImageLoop:
         from transformers import StaticCache
 
         from unitok.mllm.model import _embedding
-        from unitok.mllm.projector import StaticMergerCache
+        from unitok.mllm.projector import StaticMergerCache, StaticWindowCache
 
         self.batch, self.rows, self.prompt_len, self.total = batch, rows, prompt_len, total
         self.guided = rows != batch
@@ -176,6 +177,9 @@ class StaticImageLoop:
             self.merger_cache = StaticMergerCache(
                 rows, attn.num_heads, total, width // attn.num_heads, self.dtype, device
             )
+        elif model.config.projector == "window":
+            width = model.unitok.config.vocab_width
+            self.merger_cache = StaticWindowCache(rows, total, width, self.dtype, device)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         torch._dynamo.mark_static_address(self.slot)
         self.slots = torch.arange(prompt_len + total, device=device)
@@ -388,6 +392,11 @@ def generate_image_codes(
     h, w = grid
     if h < 1 or w < 1:
         raise ValueError(f"expected a code grid of at least 1x1, got {grid}")
+    if model.config.projector == "window" and w != model.projector.grid_width:
+        raise ValueError(
+            f"the window projector reads code grids {model.projector.grid_width} positions wide (the UniTok's "
+            f"image size), got a {h}x{w} grid"
+        )
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable (done, total) -> None, got {type(progress).__name__}")
     check_compile(compile)

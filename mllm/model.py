@@ -44,7 +44,7 @@ from unitok.mllm.loading import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector
+from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector, WindowCache, WindowProjector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
 from unitok.tokenizer.quantizer import unchecked_code_vectors
@@ -134,6 +134,14 @@ class UniTokMLLM(nn.Module):
         tok_cfg = self.unitok.config
         if self.config.projector == "mlp":
             return VisualProjector(tok_cfg.vocab_width, hidden, self.config.projector_hidden)
+        if self.config.projector == "window":
+            return WindowProjector(
+                tok_cfg.vocab_width,
+                hidden,
+                grid_width=self.grid()[1],
+                window=self.config.projector_window,
+                hidden=self.config.projector_hidden,
+            )
         if tok_cfg.vocab_width % self.num_codebooks or self.config.projector_attn_width < tok_cfg.vocab_width:
             raise ValueError(
                 f"the causal attention merger needs a UniTok latent width ({tok_cfg.vocab_width}) divisible by "
@@ -353,12 +361,14 @@ class UniTokMLLM(nn.Module):
     def embed_codes(self, codes_NK: torch.Tensor) -> torch.Tensor:
         """LLM input embeddings [N,H] of N visual positions given their codes [N,K], each position on its own.
 
-        For the causal attention merger this embeds every position as a one-position image; use
+        For the causal attention and window mergers this embeds every position as a one-position image; use
         :meth:`embed_image` / :meth:`embed_next` for images.
         """
-        if self.config.projector != "mlp":
+        if self.config.projector == "causal_attn":
             return self.projector(codes_NK[:, None])[:, 0]
         vecs = self.code_vectors(codes_NK)
+        if self.config.projector == "window":
+            return self.projector(vecs[:, None])[:, 0]
         return self.projector(vecs.to(self.projector_dtype))
 
     def embed_image(self, codes_BLK: torch.Tensor, checked: bool = True) -> torch.Tensor:
@@ -371,20 +381,29 @@ class UniTokMLLM(nn.Module):
             if vecs is None:
                 return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
             return self.projector(vecs.to(self.projector_dtype))
+        if self.config.projector == "window":
+            return self.projector(self._window_vectors(codes_BLK) if vecs is None else vecs)
         return self.projector(codes_BLK) if vecs is None else self.projector.project(vecs)
+
+    def _window_vectors(self, codes_BLK: torch.Tensor) -> torch.Tensor:
+        """Checked UniTok code vectors [B,L,D] of codes [B,L,K] (the window projector's input)."""
+        return self.code_vectors(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
 
     def _quantizer(self) -> nn.Module:
         """The quantizer whose codebooks the projector reads (the merger's own copy, or the UniTok's)."""
         return self.projector.quantizer if self.config.projector == "causal_attn" else self.unitok.quantizer
 
-    def new_image_state(self) -> MergerCache | None:
-        """State of an image being generated position by position (the merger's KV cache; None for the MLP)."""
+    def new_image_state(self) -> MergerCache | WindowCache | None:
+        """State of an image being generated position by position: the causal merger's KV cache, the window
+        projector's code vectors so far, None for the per-position MLP."""
+        if self.config.projector == "window":
+            return WindowCache()
         return MergerCache() if self.config.projector == "causal_attn" else None
 
     def embed_next(
         self,
         codes_BTK: torch.Tensor,
-        state: MergerCache | None,
+        state: MergerCache | WindowCache | None,
         reference_merger_cache: bool = False,
         checked: bool = True,
     ) -> torch.Tensor:
@@ -396,6 +415,11 @@ class UniTokMLLM(nn.Module):
         """
         if state is None or reference_merger_cache:
             return self.embed_image(codes_BTK, checked=checked)
+        if self.config.projector == "window":
+            vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BTK)
+            return self.projector.project_step(
+                self._window_vectors(codes_BTK) if vecs is None else vecs, state
+            )
         if checked:
             return self.projector.step(codes_BTK, state)
         return self.projector.project_step(unchecked_code_vectors(self.projector.quantizer, codes_BTK), state)
@@ -403,7 +427,7 @@ class UniTokMLLM(nn.Module):
     def embed(self, input_ids: torch.Tensor, visual_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Input embeddings [B,T,H]: token embeddings, replaced at ``visual_mask`` by the projected codes [B,T,K].
 
-        Each run of consecutive visual positions in a row is one image (the causal merger attends within it).
+        Each run of consecutive visual positions in a row is one image (the causal and window mergers read within it).
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
         if self.config.projector == "mlp":
@@ -412,7 +436,7 @@ class UniTokMLLM(nn.Module):
         runs = _visual_runs(visual_mask)
         if not runs:
             # Keep the merger in the graph (every parameter gets a gradient, as distributed training needs).
-            return embeds + 0.0 * self.projector(codes[:1, :1]).sum().to(embeds.dtype)
+            return embeds + 0.0 * self.embed_image(codes[:1, :1]).sum().to(embeds.dtype)
         by_length: dict[int, list[tuple[int, int]]] = {}
         for row, start, end in runs:
             by_length.setdefault(end - start, []).append((row, start))
@@ -421,7 +445,7 @@ class UniTokMLLM(nn.Module):
             offsets = torch.arange(length, device=codes.device)
             row_idx = torch.tensor([r for r, _ in items], device=codes.device)[:, None].expand(-1, length)
             col_idx = torch.tensor([c for _, c in items], device=codes.device)[:, None] + offsets
-            out = self.projector(codes[row_idx, col_idx])
+            out = self.embed_image(codes[row_idx, col_idx])
             rows.append(row_idx.flatten())
             cols.append(col_idx.flatten())
             values.append(out.flatten(0, 1).to(embeds.dtype))

@@ -4,7 +4,9 @@ Shape legend: B batch, L positions, D UniTok latent width (K sub-codes concatena
 
 The default projector works per position: an input merger that attends across positions sees the whole image
 prefix in training, so generating with it needs a cache of its own (the released model's causal attention
-merger, :class:`CausalAttnMerger`, keeps one: :class:`MergerCache`).
+merger, :class:`CausalAttnMerger`, keeps one: :class:`MergerCache`). :class:`WindowProjector` reads a causal
+window of the code grid (the position and its earlier neighbours in raster order), so it needs the code vectors
+of the positions generated so far: :class:`WindowCache`, or :class:`StaticWindowCache` in the sync-free loop.
 """
 
 from __future__ import annotations
@@ -165,3 +167,107 @@ class CausalAttnMerger(nn.Module):
         y = proj.proj(proj.norm3(x)) + attn.proj(rearrange(out, "b h t e -> b t (h e)"))
         y = y + proj.mlp(proj.norm2(y))
         return self.mm_projector(y)
+
+
+class WindowCache:
+    """Code vectors ``[B,S,D]`` of the image positions embedded so far (one image per row), for :class:`WindowProjector`."""
+
+    def __init__(self) -> None:
+        self.vectors: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Number of positions held."""
+        return 0 if self.vectors is None else self.vectors.shape[1]
+
+
+class StaticWindowCache:
+    """Preallocated code vectors ``[rows, length, D]`` for :class:`WindowProjector`, with the number of positions
+    held as a 0-d tensor on the device (``filled``): fixed shapes and addresses, no host sync (see
+    :class:`StaticMergerCache`)."""
+
+    def __init__(self, rows: int, length: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.vectors = torch.zeros(rows, length, width, dtype=dtype, device=device)
+        self.filled = torch.zeros((), dtype=torch.long, device=device)
+        for tensor in (self.vectors, self.filled):
+            torch._dynamo.mark_static_address(tensor)
+
+    def reset(self) -> None:
+        """Forget every position (in place: the addresses stay)."""
+        self.filled.zero_()
+
+
+class WindowProjector(nn.Module):
+    """The per-position MLP of :class:`VisualProjector` over a causal window of the code grid.
+
+    Position ``(r, c)`` of a ``grid_width``-wide raster grid is embedded from the concatenated code vectors of
+    itself and of its neighbours that come before it in raster order: rows ``r - window .. r - 1`` at columns
+    ``c - window .. c + window``, and row ``r`` at columns ``c - window .. c - 1``; neighbours outside the grid
+    are zero vectors. A 1-wide window is a PixelCNN-style masked 3x3 neighbourhood (5 positions). Because no
+    position reads a later one, an image embedded whole and an image embedded position by position while it is
+    generated (:meth:`project_step` with a :class:`WindowCache`) get the same vectors.
+
+    Shapes vary along an object's outline over several code positions; a per-position MLP hands the LLM only one
+    of them per token, while this window hands each token the local 2-D layout around it.
+
+    Args:
+        code_width: D, the width of one position's concatenated UniTok code vectors.
+        llm_hidden: H, the LLM's input embedding width.
+        grid_width: w, the code grid's width (positions per row).
+        window: how many rows above and columns to each side the window reaches (>= 1).
+        hidden: P, the MLP's inner width (the LLM hidden size when ``None``).
+    """
+
+    def __init__(
+        self, code_width: int, llm_hidden: int, grid_width: int, window: int = 1, hidden: int | None = None
+    ) -> None:
+        super().__init__()
+        if grid_width < 1 or window < 1:
+            raise ValueError(f"grid_width and window must be >= 1, got {grid_width} and {window}")
+        self.grid_width, self.window = grid_width, window
+        offsets = [
+            (dr, dc) for dr in range(-window, 1) for dc in range(-window, window + 1) if dr < 0 or dc <= 0
+        ]
+        self.register_buffer("row_offsets", torch.tensor([o[0] for o in offsets]), persistent=False)
+        self.register_buffer("col_offsets", torch.tensor([o[1] for o in offsets]), persistent=False)
+        self.mlp = VisualProjector(code_width * len(offsets), llm_hidden, hidden)
+
+    @property
+    def window_size(self) -> int:
+        """Number of positions in the window (the position itself included)."""
+        return self.row_offsets.numel()
+
+    def _windows(self, vecs_BSD: torch.Tensor, pos_T: torch.Tensor) -> torch.Tensor:
+        """Concatenated window vectors ``[B,T,n*D]`` of raster positions ``pos_T`` within ``vecs_BSD`` (which
+        holds positions ``0..S-1`` of each image, ``S > max(pos_T)``)."""
+        w = self.grid_width
+        rows = (pos_T // w)[:, None] + self.row_offsets
+        cols = (pos_T % w)[:, None] + self.col_offsets
+        valid = (rows >= 0) & (cols >= 0) & (cols < w)
+        index = torch.where(valid, rows * w + cols, torch.zeros_like(rows))
+        picked = vecs_BSD[:, index] * valid[None, :, :, None].to(vecs_BSD.dtype)
+        return picked.flatten(2)
+
+    def forward(self, vecs_BLD: torch.Tensor) -> torch.Tensor:
+        """Embed whole images (or image prefixes from position 0) ``[B,L,D]`` -> ``[B,L,H]``."""
+        x = vecs_BLD.to(self.mlp.fc1.weight.dtype)
+        return self.mlp(self._windows(x, torch.arange(x.shape[1], device=x.device)))
+
+    def project_step(self, vecs_BTD: torch.Tensor, cache: WindowCache | StaticWindowCache) -> torch.Tensor:
+        """Embed the next T positions of each row given ``cache`` (updated in place) -> ``[B,T,H]``.
+
+        A :class:`StaticWindowCache` takes one new position per call (T=1).
+        """
+        x = vecs_BTD.to(self.mlp.fc1.weight.dtype)
+        t = x.shape[1]
+        if isinstance(cache, StaticWindowCache):
+            if t != 1:
+                raise ValueError(f"a step with a StaticWindowCache embeds one position, got {t}")
+            slot = cache.filled.reshape(1)  # a view: read before the count moves on
+            cache.vectors.index_copy_(1, slot, x)
+            windows = self._windows(cache.vectors, slot)
+            cache.filled.add_(1)
+            return self.mlp(windows)
+        past = cache.length
+        cache.vectors = x if cache.vectors is None else torch.cat([cache.vectors, x], dim=1)
+        return self.mlp(self._windows(cache.vectors, torch.arange(past, past + t, device=x.device)))

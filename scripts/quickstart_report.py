@@ -189,6 +189,7 @@ def write_report(out: Path, records: dict[str, dict], stages: Sequence[str]) -> 
             "",
             f"- Llama hidden {r['hidden']}, {r['layers']} layers; depth head width {r['depth_width']}, "
             f"{r['depth_layers']} layers; {mllm['parameters']:,} trainable parameters",
+            f"- visual tokens: {_projector_words(r)}",
             f"- {r['steps']} steps of batch {r['batch']} (generation fraction {r['generation_fraction']}), lr {r['lr']}",
             f"- final losses: {mllm['final']}",
             "",
@@ -243,3 +244,15 @@ def write_report(out: Path, records: dict[str, dict], stages: Sequence[str]) -> 
     }
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     return report
+
+
+def _projector_words(recipe: dict) -> str:
+    """The MLLM's visual input merger in words (recipes written before the field existed used the MLP)."""
+    kind = recipe.get("projector", "mlp")
+    if kind == "window":
+        reach = recipe.get("projector_window", 1)
+        side = 2 * reach + 1
+        return f"window projector (each from its position's codes and its earlier neighbours in a masked {side}x{side} window)"
+    if kind == "mlp":
+        return "per-position MLP projector"
+    return f"{kind} projector"

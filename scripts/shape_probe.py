@@ -16,6 +16,19 @@ split, at the run config's batch size, and scored every ``--every`` steps on the
 
 Scores: exact match (every shape's presence right) and per-label accuracy; predicting "absent" everywhere
 scores about 0.82 per label on this world and 0 exact.
+
+    python -m unitok.scripts.shape_probe --world runs/quickstart/world --tokenizer runs/quickstart/tokenizer/final
+        [--readers position window conv] [--steps 1600] [--batch 32]
+
+With ``--tokenizer`` the probe asks the MLLM's question instead: do a trained tokenizer's (frozen) codes hold
+shape, and what must read them? The world's images are encoded once; a small reader of the code vectors, max
+pooled over the grid, is trained with the same multi-label head (AdamW, lr ``--lr``):
+
+- ``position``: the MLLM's per-position projector (:class:`~unitok.mllm.projector.VisualProjector`): each
+  position on its own;
+- ``window``: the MLLM's window projector (:class:`~unitok.mllm.projector.WindowProjector`, reach 1): each
+  position with its earlier neighbours on the grid;
+- ``conv``: two full 3x3 convolutions over the grid (a reader that sees every neighbour).
 """
 
 from __future__ import annotations
@@ -87,6 +100,122 @@ class _TokenizerFeatures(nn.Module):
         return self.model._post_quant(latents).mean(1)
 
 
+READERS = ("position", "window", "conv")
+
+
+class _CodeReader(nn.Module):
+    """Code vectors ``[B,h,w,D]`` -> ``[B,width]``: a reader of the grid, then a max over positions."""
+
+    def __init__(self, kind: str, code_width: int, grid_width: int, width: int = 128) -> None:
+        super().__init__()
+        from unitok.mllm.projector import VisualProjector, WindowProjector
+
+        self.kind, self.width = kind, width
+        if kind == "position":
+            self.net = VisualProjector(code_width, width)
+        elif kind == "window":
+            self.net = WindowProjector(code_width, width, grid_width, window=1)
+        elif kind == "conv":
+            self.net = nn.Sequential(
+                nn.Conv2d(code_width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1)
+            )
+        else:
+            raise ValueError(f"unknown reader {kind!r}; expected one of {READERS}")
+
+    def forward(self, vecs_BhwD: torch.Tensor) -> torch.Tensor:
+        if self.kind == "conv":
+            out = self.net(vecs_BhwD.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+        else:
+            out = self.net(vecs_BhwD.flatten(1, 2))
+        return F.gelu(out).amax(dim=1)
+
+
+def _train_and_score(
+    net: nn.ModuleDict,
+    name: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    batch: int,
+    steps: int,
+    every: int,
+    seed: int,
+) -> list[dict]:
+    """Multi-label training of ``net["body"]`` + ``net["head"]``; a scored row every ``every`` steps."""
+    (train_x, train_y), (test_x, test_y) = train, test
+    body, head = net["body"], net["head"]
+    generator = torch.Generator().manual_seed(seed)
+    rows, started = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(train_x), (batch,), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(head(body(train_x[index])), train_y[index])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                net.eval()
+                right = torch.cat(
+                    [
+                        (head(body(test_x[i : i + 256])) > 0) == (test_y[i : i + 256] > 0)
+                        for i in range(0, len(test_x), 256)
+                    ]
+                )
+                net.train()
+            row = {
+                "features": name,
+                "step": step,
+                "loss": round(loss.item(), 4),
+                "exact": round(float(right.all(1).float().mean()), 4),
+                "per_label": round(float(right.float().mean()), 4),
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+            logger.info("%s", row)
+            rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def encode_split(tokenizer, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The frozen code vectors ``[N,h,w,D]`` of images ``[N,3,S,S]`` (codes looked up in the tokenizer's codebooks)."""
+    return torch.cat(
+        [
+            tokenizer.codes_to_vectors(tokenizer.encode(pixels[i : i + batch]))
+            for i in range(0, len(pixels), batch)
+        ]
+    )
+
+
+def probe_codes(
+    world: Path,
+    tokenizer_dir: Path,
+    reader: str,
+    steps: int,
+    every: int,
+    batch: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[dict]:
+    """Train one reader of a trained tokenizer's frozen codes; rows as :func:`probe` gives, named ``codes:READER``."""
+    from unitok.tokenizer import UniTok
+
+    tokenizer = UniTok.from_pretrained(tokenizer_dir).eval()
+    train_x, train_y = load_split(world, "train")
+    test_x, test_y = load_split(world, "test")
+    if train_x.shape[-1] != tokenizer.config.image_size:
+        raise ValueError(
+            f"the world's images are {train_x.shape[-1]} px, the tokenizer takes {tokenizer.config.image_size}"
+        )
+    train_v, test_v = encode_split(tokenizer, train_x), encode_split(tokenizer, test_x)
+    torch.manual_seed(seed)
+    body = _CodeReader(reader, train_v.shape[-1], train_v.shape[2])
+    net = nn.ModuleDict({"body": body, "head": nn.Linear(body.width, len(SHAPE_NAMES))})
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    return _train_and_score(
+        net, f"codes:{reader}", (train_v, train_y), (test_v, test_y), opt, batch, steps, every, seed
+    )
+
+
 def probe(world: Path, config_name: str, features: str, steps: int, every: int, seed: int = 0) -> list[dict]:
     """Train one probe; rows of ``step``, ``loss``, ``exact``, ``per_label``, ``seconds`` every ``every`` steps."""
     from unitok.tokenizer.training.config import load_run_config
@@ -105,36 +234,17 @@ def probe(world: Path, config_name: str, features: str, steps: int, every: int, 
     net = nn.ModuleDict({"body": body, "head": nn.Linear(body.width, len(SHAPE_NAMES))})
     optim = config.optim
     opt = build_adamw(net, optim.lr, tuple(optim.betas), optim.weight_decay, optim.eps)
-    batch = config.train.local_batch_size
-    generator = torch.Generator().manual_seed(seed)
-    rows, started = [], time.perf_counter()
-    for step in range(1, steps + 1):
-        index = torch.randint(0, len(train_x), (batch,), generator=generator)
-        loss = F.binary_cross_entropy_with_logits(net["head"](body(train_x[index])), train_y[index])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % every == 0 or step == steps:
-            with torch.no_grad():
-                net.eval()
-                right = torch.cat(
-                    [
-                        (net["head"](body(test_x[i : i + 256])) > 0) == (test_y[i : i + 256] > 0)
-                        for i in range(0, len(test_x), 256)
-                    ]
-                )
-                net.train()
-            row = {
-                "features": features,
-                "step": step,
-                "loss": round(loss.item(), 4),
-                "exact": round(float(right.all(1).float().mean()), 4),
-                "per_label": round(float(right.float().mean()), 4),
-                "seconds": round(time.perf_counter() - started, 1),
-            }
-            logger.info("%s", row)
-            rows.append(row)
-    return rows
+    return _train_and_score(
+        net,
+        features,
+        (train_x, train_y),
+        (test_x, test_y),
+        opt,
+        config.train.local_batch_size,
+        steps,
+        every,
+        seed,
+    )
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -147,6 +257,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--every", type=int, default=400, help="score on the test split every N steps")
     parser.add_argument("--features", nargs="+", choices=FEATURES, default=["encoder", "codes", "cnn"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer", type=Path, help="probe this trained tokenizer's frozen codes instead (a UniTok folder)"
+    )
+    parser.add_argument("--readers", nargs="+", choices=READERS, default=list(READERS))
+    parser.add_argument("--batch", type=int, default=32, help="batch of the frozen-code probe")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the frozen-code probe")
     return parser
 
 
@@ -155,9 +271,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.steps < 1 or args.every < 1:
         raise SystemExit("--steps and --every must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rows = [
-        row for name in args.features for row in probe(args.world, args.config, name, args.steps, args.every)
-    ]
+    if args.tokenizer is not None:
+        rows = [
+            row
+            for name in args.readers
+            for row in probe_codes(
+                args.world, args.tokenizer, name, args.steps, args.every, args.batch, args.lr, args.seed
+            )
+        ]
+    else:
+        rows = [
+            row
+            for name in args.features
+            for row in probe(args.world, args.config, name, args.steps, args.every, args.seed)
+        ]
     print("| features | step | train loss | exact match | per-label accuracy | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in rows:

@@ -55,6 +55,7 @@ def test_quickstart_runs_every_stage_and_reports(tmp_path, capsys, caplog):
     report = (out / "REPORT.md").read_text()
     for section in SECTIONS:
         assert section in report, section
+    assert "- visual tokens: window projector" in report  # the recipe's default merger, through train-mllm
     for image in ("reconstructions.png", "generated.png"):
         assert (out / image).is_file()
     assert list((out / "qa_examples").glob("*.png"))
