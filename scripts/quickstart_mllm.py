@@ -52,6 +52,7 @@ class MLLMRecipe:
     # (two seeds each), with the same VQA accuracy (BENCHMARKS.md, "Quick start").
     projector: str = "window"
     projector_window: int = 1
+    projector_hidden: int | None = None  # the projector MLP's inner width (None: the LLM's hidden size)
     seed: int = 0
 
 
@@ -159,6 +160,7 @@ def build_mllm(tokenizer_dir: Path, recipe: MLLMRecipe):
         cfg_dropout=recipe.cfg_dropout,
         projector=recipe.projector,
         projector_window=recipe.projector_window,
+        projector_hidden=recipe.projector_hidden,
         max_length=256,
     )
     torch.manual_seed(recipe.seed)
@@ -424,6 +426,7 @@ def mllm_overrides(recipe: MLLMRecipe) -> list[str]:
         f"model.config.cfg_dropout={recipe.cfg_dropout}",
         f"model.config.projector={recipe.projector}",
         f"model.config.projector_window={recipe.projector_window}",
+        f"model.config.projector_hidden={'null' if recipe.projector_hidden is None else recipe.projector_hidden}",
         f"data.mixture={json.dumps({'understanding': 1 - recipe.generation_fraction, 'generation': recipe.generation_fraction})}",
         f"data.seed={recipe.seed}",
         f"training.max_steps={recipe.steps}",
