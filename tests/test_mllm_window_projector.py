@@ -176,3 +176,17 @@ def test_train_mllm_command_trains_the_window_projector(tmp_path):
     model = UniTokMLLM.from_pretrained(tmp_path / "run" / "final").eval()
     assert isinstance(model.projector, WindowProjector) and model.projector.window == 2
     assert model.config.projector == "window"
+
+
+@pytest.mark.slow
+def test_compiled_position_step_with_the_window_has_no_graph_breaks(unitok):
+    from torch._dynamo.utils import counters
+
+    model = tiny_mllm(unitok, projector="window").eval()
+    greedy = dict(grid=model.grid(), cfg_scale=3.0, temperature=0.0)
+    eager = generate_image_codes(model, PROMPTS, **greedy)
+    counters.clear()
+    # "aot_eager" traces the step as inductor does, without generating kernels (quick on CPU).
+    assert torch.equal(generate_image_codes(model, PROMPTS, compile="aot_eager", **greedy), eager)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
