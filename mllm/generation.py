@@ -392,11 +392,7 @@ def generate_image_codes(
     h, w = grid
     if h < 1 or w < 1:
         raise ValueError(f"expected a code grid of at least 1x1, got {grid}")
-    if model.config.projector == "window" and w != model.projector.grid_width:
-        raise ValueError(
-            f"the window projector reads code grids {model.projector.grid_width} positions wide (the UniTok's "
-            f"image size), got a {h}x{w} grid"
-        )
+    model.check_grid(h, w)
     if progress is not None and not callable(progress):
         raise ValueError(f"progress must be a callable (done, total) -> None, got {type(progress).__name__}")
     check_compile(compile)

@@ -526,6 +526,7 @@ class UniTokMLLM(nn.Module):
             if item.ndim == 4 and item.shape[0] == 1:
                 item = item[0]
             self.builder.check_codes(item)
+            self.check_grid(*item.shape[:2])
             return item.to(self.device)
         if isinstance(item, torch.Tensor):
             img = check_pixels(item)
@@ -533,7 +534,18 @@ class UniTokMLLM(nn.Module):
             img = self.load_image(item)
         with torch.no_grad():
             param = next(self.unitok.parameters())
-            return self.unitok.encode(img[None].to(device=param.device, dtype=param.dtype))[0].to(self.device)
+            codes = self.unitok.encode(img[None].to(device=param.device, dtype=param.dtype))[0]
+        self.check_grid(*codes.shape[:2])
+        return codes.to(self.device)
+
+    def check_grid(self, h: int, w: int) -> None:
+        """Raise ValueError when this model cannot read an h x w code grid (the window projector reads grids
+        of the UniTok's own width only; the other projectors read any)."""
+        if self.config.projector == "window" and w != self.projector.grid_width:
+            raise ValueError(
+                f"the window projector reads code grids {self.projector.grid_width} positions wide (the UniTok's "
+                f"image size), got a {h}x{w} grid"
+            )
 
     def load_image(self, item: Any) -> torch.Tensor:
         """A PIL image, path or uint8 array -> [3,S,S] in [-1,1] at the UniTok's size ``S``.

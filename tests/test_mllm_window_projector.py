@@ -148,6 +148,13 @@ def test_generation_loops_agree_with_the_window_projector(unitok):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match=f"{w} positions wide"):
         generate_image_codes(model, PROMPTS, grid=(h, w + 1))
+    # Understanding inputs of another grid width are refused too: a code grid, or an image of another size.
+    with pytest.raises(ValueError, match=f"{w} positions wide"):
+        model.answer(random_codes(model, h, w + 1), "what colour is the shape ?")
+    size = unitok.config.image_size + unitok.config.patch_size
+    with pytest.raises(ValueError, match=f"got a {h + 1}x{w + 1} grid"):
+        model.answer(torch.zeros(3, size, size), "what colour is the shape ?")
+    assert model.answer(random_codes(model, h, w), "what colour is the shape ?", max_new_tokens=2)
 
 
 def test_train_mllm_command_trains_the_window_projector(tmp_path):
