@@ -44,7 +44,7 @@ from unitok.mllm.loading import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from unitok.mllm.projector import CausalAttnMerger, MergerCache, VisualProjector, WindowCache, WindowProjector
+from unitok.mllm.projector import MergerCache, WindowCache, build_projector
 from unitok.mllm.sequence import IGNORE_INDEX, MLLMBatch, SequenceBuilder
 from unitok.mllm.text_tokenizer import add_image_tokens, load_text_tokenizer
 from unitok.tokenizer.quantizer import unchecked_code_vectors
@@ -105,7 +105,7 @@ class UniTokMLLM(nn.Module):
         tok_cfg = unitok.config
         self.num_codebooks, self.codebook_size = tok_cfg.num_codebooks, tok_cfg.codebook_size
         hidden = _embedding(llm).embedding_dim
-        self.projector = self._build_projector(hidden)
+        self.projector = build_projector(config, unitok, hidden)
         if config.depth_head == "llama":
             llm_config = (llm.get_base_model() if _is_peft(llm) else llm).config
             self.depth_head = LlamaDepthHead(
@@ -128,46 +128,6 @@ class UniTokMLLM(nn.Module):
         self._cache_kwarg = _cache_kwarg(self.llm.get_decoder())
 
     # ------------------------------------------------------------------ building and loading
-
-    def _build_projector(self, hidden: int) -> nn.Module:
-        """The input merger of ``config.projector``; the released one starts from the UniTok's own weights."""
-        tok_cfg = self.unitok.config
-        if self.config.projector == "mlp":
-            return VisualProjector(tok_cfg.vocab_width, hidden, self.config.projector_hidden)
-        if self.config.projector == "window":
-            return WindowProjector(
-                tok_cfg.vocab_width,
-                hidden,
-                grid_width=self.grid()[1],
-                window=self.config.projector_window,
-                hidden=self.config.projector_hidden,
-            )
-        if tok_cfg.vocab_width % self.num_codebooks or self.config.projector_attn_width < tok_cfg.vocab_width:
-            raise ValueError(
-                f"the causal attention merger needs a UniTok latent width ({tok_cfg.vocab_width}) divisible by "
-                f"K={self.num_codebooks} and projector_attn_width >= it, got {self.config.projector_attn_width}"
-            )
-        merger = CausalAttnMerger(
-            self.num_codebooks,
-            self.codebook_size,
-            tok_cfg.vocab_width // self.num_codebooks,
-            hidden,
-            attn_width=self.config.projector_attn_width,
-            attn_heads=self.config.projector_attn_heads,
-            hidden=self.config.projector_hidden,
-        )
-        if next(merger.parameters()).is_meta:
-            return merger  # weights come from a checkpoint
-        # The released merger is initialised from the UniTok: its codebooks and its post_quant_proj.
-        own = merger.quantizer.state_dict()
-        theirs = self.unitok.quantizer.state_dict()
-        if own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own):
-            merger.quantizer.load_state_dict(theirs)
-        post = self.unitok.post_quant_proj.state_dict()
-        target = merger.attn_projection.state_dict()
-        if post.keys() == target.keys() and all(post[k].shape == target[k].shape for k in post):
-            merger.attn_projection.load_state_dict(post)
-        return merger
 
     @classmethod
     def from_config(
@@ -376,18 +336,19 @@ class UniTokMLLM(nn.Module):
 
         ``checked=False`` skips the code range check (a host sync) where the codes are known to be valid.
         """
-        vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BLK)
-        if self.config.projector == "mlp":
-            if vecs is None:
-                return self.embed_codes(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
-            return self.projector(vecs.to(self.projector_dtype))
-        if self.config.projector == "window":
-            return self.projector(self._window_vectors(codes_BLK) if vecs is None else vecs)
-        return self.projector(codes_BLK) if vecs is None else self.projector.project(vecs)
+        if self.config.projector == "causal_attn":
+            vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BLK)
+            return self.projector(codes_BLK) if vecs is None else self.projector.project(vecs)
+        vecs = self._image_vectors(codes_BLK, checked)
+        return self.projector(vecs.to(self.projector_dtype) if self.config.projector == "mlp" else vecs)
 
-    def _window_vectors(self, codes_BLK: torch.Tensor) -> torch.Tensor:
-        """Checked UniTok code vectors [B,L,D] of codes [B,L,K] (the window projector's input)."""
-        return self.code_vectors(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
+    def _image_vectors(self, codes_BLK: torch.Tensor, checked: bool) -> torch.Tensor:
+        """UniTok code vectors [B,L,D] of codes [B,L,K] (the MLP and window projectors' input); ``checked=False``
+        skips the range check where the lookup allows it."""
+        vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BLK)
+        if vecs is None:
+            vecs = self.code_vectors(codes_BLK.flatten(0, 1)).unflatten(0, codes_BLK.shape[:2])
+        return vecs
 
     def _quantizer(self) -> nn.Module:
         """The quantizer whose codebooks the projector reads (the merger's own copy, or the UniTok's)."""
@@ -416,10 +377,7 @@ class UniTokMLLM(nn.Module):
         if state is None or reference_merger_cache:
             return self.embed_image(codes_BTK, checked=checked)
         if self.config.projector == "window":
-            vecs = None if checked else unchecked_code_vectors(self._quantizer(), codes_BTK)
-            return self.projector.project_step(
-                self._window_vectors(codes_BTK) if vecs is None else vecs, state
-            )
+            return self.projector.project_step(self._image_vectors(codes_BTK, checked), state)
         if checked:
             return self.projector.step(codes_BTK, state)
         return self.projector.project_step(unchecked_code_vectors(self.projector.quantizer, codes_BTK), state)

@@ -11,10 +11,15 @@ of the positions generated so far: :class:`WindowCache`, or :class:`StaticWindow
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+if TYPE_CHECKING:
+    from unitok.mllm.config import MLLMConfig
 
 
 class VisualProjector(nn.Module):
@@ -271,3 +276,48 @@ class WindowProjector(nn.Module):
         past = cache.length
         cache.vectors = x if cache.vectors is None else torch.cat([cache.vectors, x], dim=1)
         return self.mlp(self._windows(cache.vectors, torch.arange(past, past + t, device=x.device)))
+
+
+def build_projector(config: MLLMConfig, unitok: nn.Module, llm_hidden: int) -> nn.Module:
+    """The input merger that ``config.projector`` names, for ``unitok``'s codes and an LLM of width ``llm_hidden``.
+
+    The window projector reads the UniTok's own code grid width. The released merger starts from
+    the UniTok's own weights: its codebooks and its ``post_quant_proj`` (unless built on the meta device, whose
+    weights come from a checkpoint).
+    """
+    tok_cfg = unitok.config
+    if config.projector == "mlp":
+        return VisualProjector(tok_cfg.vocab_width, llm_hidden, config.projector_hidden)
+    if config.projector == "window":
+        return WindowProjector(
+            tok_cfg.vocab_width,
+            llm_hidden,
+            grid_width=tok_cfg.image_size // tok_cfg.patch_size,
+            window=config.projector_window,
+            hidden=config.projector_hidden,
+        )
+    k = tok_cfg.num_codebooks
+    if tok_cfg.vocab_width % k or config.projector_attn_width < tok_cfg.vocab_width:
+        raise ValueError(
+            f"the causal attention merger needs a UniTok latent width ({tok_cfg.vocab_width}) divisible by "
+            f"K={k} and projector_attn_width >= it, got {config.projector_attn_width}"
+        )
+    merger = CausalAttnMerger(
+        k,
+        tok_cfg.codebook_size,
+        tok_cfg.vocab_width // k,
+        llm_hidden,
+        attn_width=config.projector_attn_width,
+        attn_heads=config.projector_attn_heads,
+        hidden=config.projector_hidden,
+    )
+    if next(merger.parameters()).is_meta:
+        return merger
+    for own, theirs in (
+        (merger.quantizer, unitok.quantizer),
+        (merger.attn_projection, unitok.post_quant_proj),
+    ):
+        mine, source = own.state_dict(), theirs.state_dict()
+        if mine.keys() == source.keys() and all(mine[key].shape == source[key].shape for key in mine):
+            own.load_state_dict(source)
+    return merger
