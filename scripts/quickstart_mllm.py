@@ -53,7 +53,21 @@ class MLLMRecipe:
     projector: str = "window"
     projector_window: int = 1
     projector_hidden: int | None = None  # the projector MLP's inner width (None: the LLM's hidden size)
+    # One matrix for the LLM's input embeddings and its output layer (LlamaConfig.tie_word_embeddings).
+    tie_embeddings: bool = False
     seed: int = 0
+
+    def llm_fields(self, max_positions: int) -> dict:
+        """The inline ``LlamaConfig`` fields of the recipe's LLM."""
+        return {
+            "hidden_size": self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.heads,
+            "intermediate_size": self.intermediate,
+            "max_position_embeddings": max_positions,
+            "tie_word_embeddings": self.tie_embeddings,
+        }
 
 
 @dataclass
@@ -144,14 +158,7 @@ def build_mllm(tokenizer_dir: Path, recipe: MLLMRecipe):
 
     config = MLLMConfig.preset(
         "tiny",
-        llm={
-            "hidden_size": recipe.hidden,
-            "num_hidden_layers": recipe.layers,
-            "num_attention_heads": recipe.heads,
-            "num_key_value_heads": recipe.heads,
-            "intermediate_size": recipe.intermediate,
-            "max_position_embeddings": 512,
-        },
+        llm=recipe.llm_fields(512),
         unitok=str(Path(tokenizer_dir).resolve()),
         unitok_preset=None,
         depth_width=recipe.depth_width,
@@ -410,16 +417,8 @@ def extract_codes_command(tokenizer_dir: Path, world: Path, out: Path, progress:
 
 def mllm_overrides(recipe: MLLMRecipe) -> list[str]:
     """``unitok train-mllm`` overrides that give the ``mllm-tiny-synth`` preset this recipe."""
-    llm = {
-        "hidden_size": recipe.hidden,
-        "num_hidden_layers": recipe.layers,
-        "num_attention_heads": recipe.heads,
-        "num_key_value_heads": recipe.heads,
-        "intermediate_size": recipe.intermediate,
-        "max_position_embeddings": 1024,
-    }
     return [
-        f"model.config.llm={json.dumps(llm)}",
+        f"model.config.llm={json.dumps(recipe.llm_fields(1024))}",
         f"model.config.depth_width={recipe.depth_width}",
         f"model.config.depth_layers={recipe.depth_layers}",
         f"model.config.depth_heads={recipe.depth_heads}",

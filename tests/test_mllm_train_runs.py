@@ -3,6 +3,7 @@ processes against one, the ZeRO-3 export, and overfitting synthetic-world sample
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_mllm_train_helpers import make_folder, one_thread, save_tiny_unitok  # noqa: F401 (autouse fixture)
 
 from unitok.data.extract import extract_codes
@@ -90,6 +91,35 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(store, tmp_path):
         UniTokMLLM.from_pretrained(out / "checkpoint-8" / "mllm").config
         == UniTokMLLM.from_pretrained(out / "final").config
     )
+
+
+def test_tied_embeddings_save_once_resume_and_export_tied(store, tmp_path):
+    from unitok.mllm.config import MLLM_PRESETS
+
+    llm = {**MLLM_PRESETS["tiny"]["llm"], "tie_word_embeddings": True}
+    sets = {"model.config.llm": json.dumps(llm)}
+    whole = tmp_path / "whole"
+    assert train_main(args(store, whole, steps=4, **sets)) == 0
+    saved = load_file(str(whole / "checkpoint-2" / "model.safetensors"))
+    assert "llm.model.embed_tokens.weight" in saved and "llm.lm_head.weight" not in saved
+    # The same command resumes a run stopped after checkpoint-2 and ends with the uninterrupted run's weights.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    assert train_main(args(store, resumed, steps=4, **sets)) == 0
+    assert same_state(whole / "final", resumed / "final")
+    model = UniTokMLLM.from_pretrained(resumed / "final")
+    assert model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
+    # A checkpoint that lacks an untied weight is refused, not resumed with that weight at its initial value.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copytree(whole / "checkpoint-2", broken / "checkpoint-2")
+    weights = broken / "checkpoint-2" / "model.safetensors"
+    tensors = load_file(str(weights))
+    del tensors[next(k for k in tensors if k.startswith("projector."))]
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match="missing"):
+        train_main(args(store, broken, steps=4, **sets))
 
 
 def test_alignment_trains_only_the_new_token_rows_and_lora_saves_an_adapter(store, tmp_path):

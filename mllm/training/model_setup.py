@@ -8,6 +8,8 @@
   head and new token rows, through peft).
 - :func:`export` writes a ``save_pretrained`` checkpoint from a full state dict (what a ZeRO-3 engine
   gathers onto rank 0), on a skeleton built on the meta device, so no second copy of the weights is made.
+- :func:`distinct_tensors` drops the second names of tied weights (an LLM whose output layer is its input
+  embedding), which a safetensors file cannot hold twice.
 """
 
 from __future__ import annotations
@@ -121,6 +123,26 @@ def _skeleton(model: UniTokMLLM) -> UniTokMLLM:
         # call, made here by rank 0 alone).
         base = type(llm)(copy.deepcopy(llm.config))
         return UniTokMLLM(model.config, base, model.text_tokenizer, model.unitok)
+
+
+def distinct_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` without the entries that view the same memory as an earlier entry (tied weights keep the
+    first name, e.g. ``llm.model.embed_tokens.weight`` of an LLM with ``tie_word_embeddings``).
+
+    Loading the result with ``strict=False`` into a model with the same ties restores every weight: the missing
+    names are exactly the dropped ones.
+    """
+    seen: set[tuple] = set()
+    out = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() > 0 and tensor.device.type != "meta":
+            storage = tensor.untyped_storage().data_ptr()
+            where = (storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+            if where in seen:
+                continue
+            seen.add(where)
+        out[name] = tensor
+    return out
 
 
 def export(

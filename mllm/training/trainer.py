@@ -30,7 +30,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from unitok.mllm.sequence import MLLMBatch
 
-from .model_setup import export
+from .model_setup import distinct_tensors, export
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,20 @@ class MLLMTrainer(Trainer):
         out.mkdir(parents=True, exist_ok=True)
         state = self.model.state_dict() if state_dict is None else state_dict
         if not self.is_deepspeed_enabled:
-            tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+            tensors = {k: v.detach().contiguous().cpu() for k, v in distinct_tensors(state).items()}
             safetensors.torch.save_file(tensors, str(out / TRAINING_WEIGHTS), metadata={"format": "pt"})
         export(self.model, self.unitok, state, out / EXPORT_FOLDER)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """A resumed checkpoint must restore every weight: only the second names of tied weights may be missing."""
+        state = self.model.state_dict()
+        tied = set(state) - set(distinct_tensors(state))
+        missing = [k for k in load_result.missing_keys if k not in tied]
+        if missing or load_result.unexpected_keys:
+            raise ValueError(
+                f"the checkpoint's weights do not match the model: missing {missing}, "
+                f"unexpected {list(load_result.unexpected_keys)}"
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full weights on rank 0 (gathered from ZeRO-3 partitions; a collective call)."""
