@@ -18,9 +18,12 @@ from test_mllm_train_helpers import make_folder, one_thread, save_tiny_unitok  #
 
 from unitok.data.extract import extract_codes
 from unitok.mllm import UniTokMLLM
+from unitok.mllm.config import MLLM_PRESETS
 from unitok.mllm.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
+# The tiny preset's LLM with its output layer tied to its input embedding.
+TIED_LLM = {**MLLM_PRESETS["tiny"]["llm"], "tie_word_embeddings": True}
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +97,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_weights(store, tmp_path):
 
 
 def test_tied_embeddings_save_once_resume_and_export_tied(store, tmp_path):
-    from unitok.mllm.config import MLLM_PRESETS
-
-    llm = {**MLLM_PRESETS["tiny"]["llm"], "tie_word_embeddings": True}
-    sets = {"model.config.llm": json.dumps(llm)}
+    sets = {"model.config.llm": json.dumps(TIED_LLM)}
     whole = tmp_path / "whole"
     assert train_main(args(store, whole, steps=4, **sets)) == 0
     saved = load_file(str(whole / "checkpoint-2" / "model.safetensors"))
@@ -178,7 +178,7 @@ EXACT = {
 }
 
 
-def _torchrun(store, out, stage_config):
+def _torchrun(store, out, stage_config, **sets):
     cmd = [
         sys.executable,
         "-m",
@@ -195,6 +195,7 @@ def _torchrun(store, out, stage_config):
             steps=3,
             **EXACT,
             **{"training.per_device_train_batch_size": 2, "training.deepspeed": stage_config},
+            **sets,
         ),
     ]
     done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
@@ -203,20 +204,24 @@ def _torchrun(store, out, stage_config):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_two_processes_match_one_at_equal_global_batch(store, tmp_path, zero):
+@pytest.mark.parametrize("zero,tied", [("zero2", False), ("zero3", False), ("zero3", True)])
+def test_two_processes_match_one_at_equal_global_batch(store, tmp_path, zero, tied):
     reference = tmp_path / "one"
+    # tied: an LLM whose output layer is its input embedding, partitioned by ZeRO-3 as one parameter.
+    model = {"model.config.llm": json.dumps(TIED_LLM)} if tied else {}
     sets = {"training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 2, **EXACT}
-    assert train_main(args(store, reference, steps=3, **sets)) == 0
-    _torchrun(store, tmp_path / zero, zero)
+    assert train_main(args(store, reference, steps=3, **sets, **model)) == 0
+    _torchrun(store, tmp_path / zero, zero, **model)
     one, two = losses(reference), losses(tmp_path / zero)
     assert len(one) == len(two) == 3
     assert two == pytest.approx(one, rel=1e-5)
     assert len(set(one)) == 3
     # The export gathered from the engine gives the engine's loss in one process.
     probe = json.loads((tmp_path / zero / "probe.json").read_text())
-    model = UniTokMLLM.from_pretrained(tmp_path / zero / "final").eval()
-    assert _loss(model, store, probe["keys"]) == pytest.approx(probe["loss"], abs=1e-5)
+    exported = UniTokMLLM.from_pretrained(tmp_path / zero / "final").eval()
+    assert _loss(exported, store, probe["keys"]) == pytest.approx(probe["loss"], abs=1e-5)
+    if tied:
+        assert exported.llm.get_output_embeddings().weight is exported.llm.get_input_embeddings().weight
 
 
 @pytest.mark.slow
