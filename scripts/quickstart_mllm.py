@@ -40,8 +40,8 @@ class MLLMRecipe:
     depth_heads: int = 4
     # Many small steps, most of them image -> text: the LLM learns to look up the object that a question names
     # only after a few thousand steps. 2,400 x 16 with a quarter for generation gives VQA 63 % (52 % at 800 x 32
-    # half and half) for 1.15x the time, and GenEval 0.09 against 0.13; 3,200 steps give 65 % but take the
-    # quick start past 15 minutes on a slower 2-core box (BENCHMARKS.md, "Quick start").
+    # half and half) for 1.15x the time, and GenEval 0.09 against 0.13; 3,200 steps give 65 % but took the whole
+    # quick start to 15 min 18 s on a 2-core box where 2,400 took 14 min 54 s (BENCHMARKS.md, "Quick start").
     steps: int = 2400
     batch: int = 16
     lr: float = 2e-3
